@@ -1,0 +1,11 @@
+"""Trust-region policy optimisation for Stable-Baselines3."""
+
+import os
+
+from sb3_trust.npg import NPG
+from sb3_trust.trpo import TRPO
+
+with open(os.path.join(os.path.dirname(__file__), "version.txt")) as file_handler:
+    __version__ = file_handler.read().strip()
+
+__all__ = ["NPG", "TRPO", "__version__"]

@@ -1,0 +1,157 @@
+"""
+KL divergences and Fisher metrics of the action distributions that SB3's on-policy policies use.
+
+An SB3 ``Distribution`` wraps one torch distribution (``Normal``, ``Categorical``, ``Bernoulli``) or, for
+``MultiCategoricalDistribution``, a list of ``Categorical``. Everything here works on those torch objects,
+so a custom SB3 distribution built from them is supported as well.
+"""
+
+import copy
+from collections.abc import Callable
+
+import torch as th
+from stable_baselines3.common.distributions import Distribution
+from torch.distributions import Bernoulli, Categorical, Normal
+from torch.distributions import Distribution as TorchDistribution
+
+# Applies the distribution's Fisher matrix M (in its own parameters) to a list of per-sample tangent vectors
+FisherMetric = Callable[[list[th.Tensor]], list[th.Tensor]]
+
+
+def torch_distributions(distribution: Distribution) -> list[TorchDistribution]:
+    """
+    The torch distributions behind an SB3 distribution, as a list (one entry unless it is multi-categorical).
+
+    :param distribution: an SB3 distribution on which ``proba_distribution`` has been called
+    :return: the list of underlying torch distributions
+    """
+    inner = distribution.distribution
+    if isinstance(inner, TorchDistribution):
+        return [inner]
+    if isinstance(inner, (list, tuple)) and all(isinstance(part, TorchDistribution) for part in inner):
+        return list(inner)
+    raise TypeError(f"{type(distribution).__name__} does not hold torch distributions (found {type(inner).__name__})")
+
+
+def _detach_torch_distribution(distribution: TorchDistribution) -> TorchDistribution:
+    if isinstance(distribution, Normal):
+        return Normal(distribution.loc.detach(), distribution.scale.detach(), validate_args=False)
+    if isinstance(distribution, Categorical):
+        return Categorical(logits=distribution.logits.detach(), validate_args=False)
+    if isinstance(distribution, Bernoulli):
+        return Bernoulli(logits=distribution.logits.detach(), validate_args=False)
+    detached = copy.copy(distribution)
+    for name, value in vars(distribution).items():
+        if isinstance(value, th.Tensor):
+            setattr(detached, name, value.detach())
+    return detached
+
+
+def detach_distribution(distribution: Distribution) -> Distribution:
+    """
+    A copy of an SB3 distribution cut from the autograd graph.
+
+    SB3 policies reuse one ``Distribution`` object for every forward pass, so the "old" policy of a trust-region
+    update must be copied before the parameters move.
+
+    :param distribution: the distribution to freeze
+    :return: a shallow copy whose torch distributions hold detached tensors
+    """
+    frozen = copy.copy(distribution)
+    parts = [_detach_torch_distribution(part) for part in torch_distributions(distribution)]
+    frozen.distribution = parts if isinstance(distribution.distribution, (list, tuple)) else parts[0]
+    return frozen
+
+
+def _sum_event_dims(tensor: th.Tensor) -> th.Tensor:
+    return tensor.flatten(start_dim=1).sum(dim=1) if tensor.dim() > 1 else tensor
+
+
+def kl_divergence(old: Distribution, new: Distribution) -> th.Tensor:
+    """
+    Per-sample KL(old ‖ new), summed over independent action dimensions.
+
+    Unlike ``th.distributions.kl_divergence`` on a diagonal Gaussian, this returns the KL of the joint action
+    distribution (one value per sample), which is what the trust region bounds.
+
+    :param old: the reference distribution (usually detached)
+    :param new: the distribution being optimised
+    :return: a tensor of shape (batch_size,)
+    """
+    old_parts, new_parts = torch_distributions(old), torch_distributions(new)
+    if len(old_parts) != len(new_parts):
+        raise ValueError(f"Distributions have {len(old_parts)} and {len(new_parts)} components")
+    return sum(
+        (_sum_event_dims(th.distributions.kl_divergence(p, q)) for p, q in zip(old_parts, new_parts, strict=True)),
+        start=th.zeros(()),
+    )
+
+
+def mean_kl(old: Distribution, new: Distribution) -> th.Tensor:
+    """
+    The mean over the batch of KL(old ‖ new): the trust-region constraint of TRPO (seed 004, Eq. 27).
+
+    :param old: the reference distribution (usually detached)
+    :param new: the distribution being optimised
+    :return: a scalar tensor
+    """
+    return kl_divergence(old, new).mean()
+
+
+def _normal_metric(normal: Normal) -> tuple[list[th.Tensor], FisherMetric]:
+    # Parameters (mean, log σ): the Fisher is diag(1/σ², 2) per action dimension
+    inv_variance = normal.scale.detach().pow(-2)
+    return [normal.loc, normal.scale.log()], lambda t: [t[0] * inv_variance, 2.0 * t[1]]
+
+
+def _categorical_metric(categorical: Categorical) -> tuple[list[th.Tensor], FisherMetric]:
+    # Parameters: logits. Fisher: diag(p) - p pᵀ
+    probs = categorical.probs.detach()
+    return [categorical.logits], lambda t: [probs * t[0] - probs * (probs * t[0]).sum(dim=-1, keepdim=True)]
+
+
+def _bernoulli_metric(bernoulli: Bernoulli) -> tuple[list[th.Tensor], FisherMetric]:
+    # Parameters: logits. Fisher: p (1 - p) per dimension
+    probs = bernoulli.probs.detach()
+    weight = probs * (1.0 - probs)
+    return [bernoulli.logits], lambda t: [weight * t[0]]
+
+
+_METRICS: dict[type[TorchDistribution], Callable[..., tuple[list[th.Tensor], FisherMetric]]] = {
+    Normal: _normal_metric,
+    Categorical: _categorical_metric,
+    Bernoulli: _bernoulli_metric,
+}
+
+
+def fisher_parameters(distribution: Distribution) -> tuple[list[th.Tensor], FisherMetric] | None:
+    """
+    The parameters μ of a distribution and its Fisher matrix M in those parameters (seed 004 §1.5.2).
+
+    The Fisher matrix of the policy is then F = Jᵀ M J with J = ∂μ/∂θ. ``M`` is the Hessian of KL(old ‖ new) in
+    the new distribution's parameters at new = old; it is evaluated at the current (old) parameters and treated
+    as a constant.
+
+    :param distribution: an SB3 distribution built with a graph back to the policy parameters
+    :return: the list of per-sample parameter tensors and the function applying M to matching tangents,
+        or None when the distribution has no analytic metric here
+    """
+    tensors: list[th.Tensor] = []
+    metrics: list[tuple[int, FisherMetric]] = []
+    for part in torch_distributions(distribution):
+        factory = _METRICS.get(type(part))
+        if factory is None:
+            return None
+        part_tensors, metric = factory(part)
+        metrics.append((len(part_tensors), metric))
+        tensors.extend(part_tensors)
+
+    def apply_metric(tangents: list[th.Tensor]) -> list[th.Tensor]:
+        result: list[th.Tensor] = []
+        start = 0
+        for count, metric in metrics:
+            result.extend(metric(tangents[start : start + count]))
+            start += count
+        return result
+
+    return tensors, apply_metric

@@ -1,0 +1,395 @@
+"""The machinery NPG and TRPO share: the natural-gradient direction, the critic, checks and logging."""
+
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutBufferSamples, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch.nn import functional as F
+from torch.nn.utils import vector_to_parameters
+
+from sb3_trust.common.conjugate_gradient import conjugate_gradient
+from sb3_trust.common.distributions import torch_distributions
+from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters
+from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
+from sb3_trust.common.policies import split_actor_critic_parameters
+from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
+
+SelfNaturalGradientAlgorithm = TypeVar("SelfNaturalGradientAlgorithm", bound="NaturalGradientAlgorithm")
+
+SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+class PolicyStep(NamedTuple):
+    """
+    What a step rule did to the actor parameters.
+
+    :param step_size: the coefficient α of the applied step θ ← θ_old + α s (0 when nothing was applied)
+    :param kl: mean KL(π_old ‖ π_new) on the rollout after the step
+    :param objective_gain: L(θ_new) - L(θ_old) of the surrogate
+    :param line_search_steps: number of step sizes evaluated (0 without line search)
+    :param accepted: whether the parameters moved
+    """
+
+    step_size: float
+    kl: float
+    objective_gain: float
+    line_search_steps: int
+    accepted: bool
+
+
+def check_positive(**values: float) -> None:
+    """
+    :param values: named numbers that must be > 0
+    :raises ValueError: naming the first that is not
+    """
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"`{name}` must be positive, got {value}")
+
+
+class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
+    """
+    Base of the natural-gradient algorithms (NPG, TRPO).
+
+    ``train()`` runs the update in three separate pieces, so each can be replaced on its own:
+
+    1. the samples and the surrogate objective L(θ) they define (``_build_surrogate``);
+    2. the natural-gradient direction s = F⁻¹ g by conjugate gradient, g = ∇L(θ_old), F the Fisher matrix
+       (``_natural_gradient_direction``);
+    3. the step rule that turns s into new parameters (``_take_step``: closed form for NPG, line search for TRPO).
+
+    Then the critic is fitted by regression on the GAE returns with its own optimizer.
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: The learning rate of the critic's optimizer (the actor's step is set by ``target_kl``);
+        it can be a function of the current progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update
+        (i.e. rollout buffer size is n_steps * n_envs where n_envs is number of environment copies running in parallel)
+    :param batch_size: Minibatch size of the critic's regression
+    :param gamma: Discount factor
+    :param cg_max_steps: Maximum number of conjugate-gradient iterations for F⁻¹ g
+    :param cg_damping: Damping λ added to the Fisher matrix (F + λI) in the conjugate gradient
+    :param cg_tolerance: The conjugate gradient stops once the squared residual norm is below this
+    :param n_critic_updates: Number of epochs of critic regression per rollout
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+        instead of action noise exploration (default: False)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        Default: -1 (only sample at the beginning of the rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize the advantages over the rollout
+    :param target_kl: The trust region δ: the bound on the mean KL(π_old ‖ π_new) of one update
+    :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
+        (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation
+    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy: ActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        cg_tolerance: float = 1e-10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        check_positive(target_kl=target_kl, cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
+        check_positive(n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
+        if cg_damping < 0 or not np.isfinite(cg_damping):
+            raise ValueError(f"`cg_damping` must be a finite number >= 0, got {cg_damping}")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=0.0,
+            vf_coef=0.0,
+            max_grad_norm=0.0,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=SUPPORTED_ACTION_SPACES,
+        )
+        self.batch_size = batch_size
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.cg_tolerance = cg_tolerance
+        self.n_critic_updates = n_critic_updates
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.sub_sampling_factor = sub_sampling_factor
+
+        if self.env is not None:
+            buffer_size = self.env.num_envs * self.n_steps
+            if buffer_size % batch_size != 0:
+                raise ValueError(
+                    f"`batch_size` ({batch_size}) must divide the rollout size n_steps * n_envs "
+                    f"= {self.n_steps} * {self.env.num_envs} = {buffer_size}"
+                )
+        if _init_setup_model:
+            self._setup_model()
+
+    def learn(
+        self: SelfNaturalGradientAlgorithm,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfNaturalGradientAlgorithm:
+        """
+        Train the policy; the arguments are SB3's ``learn()``'s, and ``tb_log_name`` defaults to the class name.
+        """
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name or type(self).__name__,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self.actor_parameters, self.critic_parameters = split_actor_critic_parameters(self.policy)
+        # The critic's own optimizer replaces the policy's, so it is saved and loaded as `policy.optimizer`
+        self.policy.optimizer = self.policy.optimizer_class(
+            self.critic_parameters, lr=self.lr_schedule(1), **self.policy.optimizer_kwargs  # type: ignore[call-arg]
+        )
+
+    def train(self) -> None:
+        """
+        One natural-gradient update of the actor, then the critic's regression, on the collected rollout.
+        """
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        samples = next(self.rollout_buffer.get(batch_size=None))
+
+        # 1. Samples and surrogate L(θ) (seed 004, Eq. 31)
+        surrogate = self._build_surrogate(samples)
+        evaluation = surrogate.evaluate()
+        objective_before = evaluation.objective.item()
+        self._record_distribution_stats(evaluation.distribution)
+        gradient = flat_gradient(evaluation.objective, self.actor_parameters, retain_graph=True)
+
+        # 2. Natural-gradient direction s = F⁻¹ g, and sᵀFs for the step size
+        fisher = self._fisher_vector_product(surrogate, evaluation)
+        direction, quadratic_form = self._natural_gradient_direction(gradient, fisher)
+        del fisher, evaluation
+
+        # 3. Step rule
+        if direction is None:
+            step = PolicyStep(0.0, 0.0, 0.0, 0, False)
+        else:
+            step = self._take_step(surrogate, direction, quadratic_form, objective_before)
+
+        value_loss = self._update_critic(samples)
+        self._n_updates += 1
+
+        self.logger.record("train/kl_divergence", step.kl)
+        self.logger.record("train/policy_objective", step.objective_gain)
+        self.logger.record("train/step_size", step.step_size)
+        self.logger.record("train/value_loss", value_loss)
+        self.logger.record(
+            "train/explained_variance",
+            explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()),
+        )
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _build_surrogate(self, samples: RolloutBufferSamples) -> ImportanceSampledSurrogate:
+        """
+        The samples and the surrogate objective of this update (single path: the rollout itself).
+
+        :param samples: the whole rollout
+        :return: the surrogate, frozen at the current policy
+        """
+        return ImportanceSampledSurrogate(self.policy, samples, self.normalize_advantage)
+
+    def _fisher_vector_product(self, surrogate: ImportanceSampledSurrogate, evaluation: Any) -> FisherVectorProduct:
+        """
+        The damped Fisher-vector product on the rollout, or on a random 1/``sub_sampling_factor`` of it.
+
+        :param surrogate: the surrogate of this update
+        :param evaluation: its evaluation at θ_old, whose graph is reused when no sub-sampling is asked for
+        :return: the product function
+        """
+        if self.sub_sampling_factor == 1:
+            distribution = evaluation.distribution
+        else:
+            n_states = max(1, len(surrogate) // self.sub_sampling_factor)
+            indices = th.randperm(len(surrogate), device=self.device)[:n_states]
+            distribution = surrogate.distribution_on(indices)
+        return FisherVectorProduct(distribution, self.actor_parameters, self.cg_damping)
+
+    def _natural_gradient_direction(
+        self, gradient: th.Tensor, fisher: Callable[[th.Tensor], th.Tensor]
+    ) -> tuple[th.Tensor | None, float]:
+        """
+        Solve (F + λI) s = g by conjugate gradient (seed 002, "Solving KL Constrained Problem").
+
+        :param gradient: g, the flat gradient of the surrogate at θ_old
+        :param fisher: v ↦ (F + λI) v
+        :return: the direction s and sᵀ(F + λI)s, or (None, 0) when the update must be skipped
+        """
+        if not bool(th.isfinite(gradient).all()):
+            self._skip_update("the policy gradient is not finite")
+            return None, 0.0
+        if not bool(gradient.any()):
+            self._skip_update("the policy gradient is zero")
+            return None, 0.0
+        result = conjugate_gradient(fisher, gradient, self.cg_max_steps, self.cg_tolerance)
+        self.logger.record("train/cg_iterations", result.iterations)
+        self.logger.record("train/cg_residual", result.residual_norm)
+        direction = result.solution
+        quadratic_form = th.dot(direction, fisher(direction)).item()
+        if not (bool(th.isfinite(direction).all()) and np.isfinite(quadratic_form) and quadratic_form > 0):
+            self._skip_update("the natural-gradient direction is not finite or the Fisher matrix is not positive along it")
+            return None, 0.0
+        return direction, quadratic_form
+
+    def _max_step_size(self, quadratic_form: float) -> float:
+        """
+        The largest α with ½ α² sᵀFs = δ: the step that reaches the trust region's edge under the quadratic
+        model of the KL (seed 002: α = sqrt(2δ / sᵀFs)).
+
+        :param quadratic_form: sᵀ(F + λI)s
+        :return: α
+        """
+        return float(np.sqrt(2.0 * self.target_kl / quadratic_form))
+
+    def _set_actor_parameters(self, flat: th.Tensor) -> None:
+        vector_to_parameters(flat, self.actor_parameters)
+
+    def _actor_parameters_vector(self) -> th.Tensor:
+        return flat_parameters(self.actor_parameters)
+
+    def _skip_update(self, reason: str) -> None:
+        warnings.warn(f"{type(self).__name__}: policy update skipped, {reason}", RuntimeWarning, stacklevel=3)
+
+    @abstractmethod
+    def _take_step(
+        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, quadratic_form: float, objective_before: float
+    ) -> PolicyStep:
+        """
+        Move the actor parameters along the natural-gradient direction.
+
+        :param surrogate: the surrogate of this update, frozen at θ_old
+        :param direction: s ≈ (F + λI)⁻¹ g
+        :param quadratic_form: sᵀ(F + λI)s
+        :param objective_before: L(θ_old)
+        :return: what was done
+        """
+
+    def _record_distribution_stats(self, distribution: Any) -> None:
+        with th.no_grad():
+            entropy = distribution.entropy()
+            if entropy is not None:
+                self.logger.record("train/entropy", entropy.mean().item())
+            if isinstance(self.action_space, spaces.Box):
+                scale = th.cat([part.scale.reshape(-1) for part in torch_distributions(distribution)])
+                self.logger.record("train/std", scale.mean().item())
+
+    def _update_critic(self, samples: RolloutBufferSamples) -> float:
+        """
+        Fit the critic to the GAE returns: ``n_critic_updates`` epochs of minibatch regression.
+
+        With a feature extractor shared with the actor, its features are computed once and held fixed here.
+
+        :param samples: the whole rollout
+        :return: the mean squared error of the last epoch
+        """
+        if not self.critic_parameters:
+            return float("nan")
+        policy = self.policy
+        returns = samples.returns.flatten()
+        if policy.share_features_extractor:
+            with th.no_grad():
+                inputs: Any = policy.extract_features(samples.observations)
+
+            def predict(batch: Any) -> th.Tensor:
+                return policy.value_net(policy.mlp_extractor.forward_critic(batch))
+
+        else:
+            inputs = samples.observations
+            predict = policy.predict_values
+
+        n_samples = len(returns)
+        initial_parameters = flat_parameters(self.critic_parameters)
+        epoch_losses: list[th.Tensor] = []
+        n_skipped = 0
+        for _ in range(self.n_critic_updates):
+            epoch_losses = []
+            permutation = th.randperm(n_samples, device=self.device)
+            for start in range(0, n_samples, self.batch_size):
+                indices = permutation[start : start + self.batch_size]
+                values = predict(index_observations(inputs, indices)).flatten()
+                loss = F.mse_loss(values, returns[indices])
+                if not bool(th.isfinite(loss)):
+                    n_skipped += 1
+                    continue
+                policy.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                policy.optimizer.step()
+                epoch_losses.append(loss.detach())
+        if not bool(th.isfinite(flat_parameters(self.critic_parameters)).all()):
+            # An overflow inside the optimizer: undo this update and restart its moment estimates
+            vector_to_parameters(initial_parameters, self.critic_parameters)
+            policy.optimizer.state.clear()
+            warnings.warn("Critic update undone: it produced non-finite parameters", RuntimeWarning, stacklevel=2)
+        if n_skipped > 0:
+            warnings.warn(f"{n_skipped} critic minibatches skipped: non-finite value loss", RuntimeWarning, stacklevel=2)
+        return th.stack(epoch_losses).mean().item() if epoch_losses else float("nan")
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "actor_parameters", "critic_parameters"]
+

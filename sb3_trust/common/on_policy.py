@@ -1,0 +1,141 @@
+"""On-policy base shared by the sb3_trust algorithms: SB3's rollout loop with one forward pass per step."""
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.type_aliases import TensorDict
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+
+# Rollout states are re-evaluated in chunks of this many samples (bounds memory for image observations)
+EVALUATION_CHUNK_SIZE = 2048
+
+
+class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
+    """
+    SB3's ``OnPolicyAlgorithm`` with a leaner ``collect_rollouts``.
+
+    SB3 runs the actor *and* the critic, and builds the action's log-probability, at every environment step.
+    Only the action is needed to step the environment: the policy does not change during a rollout, so the
+    values and log-probabilities of all collected states are computed here in one batched pass when the rollout
+    ends. The actions drawn, the random-number stream, the buffer contents and the callbacks' calls are the same
+    as SB3's; each step just runs one small network instead of two.
+    """
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """
+        Collect experiences using the current policy and fill a ``RolloutBuffer``.
+
+        :param env: The training environment
+        :param callback: Callback that will be called at each step
+            (and at the beginning and end of the rollout)
+        :param rollout_buffer: Buffer to fill with rollouts
+        :param n_rollout_steps: Number of experiences to collect per environment
+        :return: True if function returned with at least `n_rollout_steps`
+            collected, False if callback terminated rollout prematurely.
+        """
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)
+        # Values and log-probabilities are filled in after the rollout, in one batched pass
+        placeholder = th.zeros(env.num_envs)
+        truncated_episodes: list[tuple[int, int, np.ndarray | dict[str, np.ndarray]]] = []
+        clip_actions = isinstance(self.action_space, spaces.Box) and not self.policy.squash_output
+        callback.on_rollout_start()
+
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                actions = self.policy.get_distribution(obs_tensor).get_actions()
+            actions = actions.reshape((-1, *self.action_space.shape)).cpu().numpy()  # type: ignore[misc]
+            clipped_actions = actions
+            if clip_actions:
+                assert isinstance(self.action_space, spaces.Box)
+                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+            elif isinstance(self.action_space, spaces.Box):
+                clipped_actions = self.policy.unscale_action(actions)
+
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            for env_index in np.flatnonzero(dones):
+                info = infos[env_index]
+                if info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
+                    truncated_episodes.append((n_steps, int(env_index), info["terminal_observation"]))
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                placeholder,
+                placeholder,
+            )
+            n_steps += 1
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+
+        with th.no_grad():
+            self._evaluate_rollout(rollout_buffer)
+            # Bootstrap episodes cut by a time limit with the value of their last state (SB3 issue #633)
+            for step, env_index, terminal_obs in truncated_episodes:
+                terminal_value = self.policy.predict_values(self.policy.obs_to_tensor(terminal_obs)[0])
+                rollout_buffer.rewards[step, env_index] += self.gamma * terminal_value.item()
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _evaluate_rollout(self, rollout_buffer: RolloutBuffer) -> None:
+        """
+        Fill the buffer's values and log-probabilities with one batched pass over the rollout.
+
+        :param rollout_buffer: a buffer whose observations and actions are collected
+        """
+        n_samples = rollout_buffer.buffer_size * rollout_buffer.n_envs
+        observations = rollout_buffer.observations
+        if isinstance(observations, dict):
+            flat_obs: np.ndarray | dict[str, np.ndarray] = {
+                key: value.reshape(n_samples, *value.shape[2:]) for key, value in observations.items()
+            }
+        else:
+            flat_obs = observations.reshape(n_samples, *observations.shape[2:])
+        flat_actions = th.as_tensor(rollout_buffer.actions.reshape(n_samples, -1), device=self.device)
+        if isinstance(self.action_space, spaces.Discrete):
+            flat_actions = flat_actions.long().flatten()
+        values = np.empty(n_samples, dtype=np.float32)
+        log_probs = np.empty(n_samples, dtype=np.float32)
+        for start in range(0, n_samples, EVALUATION_CHUNK_SIZE):
+            chunk = slice(start, start + EVALUATION_CHUNK_SIZE)
+            obs_chunk: np.ndarray | dict[str, np.ndarray]
+            if isinstance(flat_obs, dict):
+                obs_chunk = {key: value[chunk] for key, value in flat_obs.items()}
+            else:
+                obs_chunk = flat_obs[chunk]
+            obs_tensor: th.Tensor | TensorDict = obs_as_tensor(obs_chunk, self.device)  # type: ignore[arg-type]
+            chunk_values, chunk_log_probs, _ = self.policy.evaluate_actions(obs_tensor, flat_actions[chunk])  # type: ignore[arg-type]
+            values[chunk] = chunk_values.flatten().cpu().numpy()
+            log_probs[chunk] = chunk_log_probs.flatten().cpu().numpy()
+        rollout_buffer.values[:] = values.reshape(rollout_buffer.values.shape)
+        rollout_buffer.log_probs[:] = log_probs.reshape(rollout_buffer.log_probs.shape)

@@ -1,0 +1,49 @@
+"""Helpers that read an SB3 actor-critic policy's structure."""
+
+import torch as th
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch import nn
+
+from sb3_trust.common.distributions import torch_distributions
+
+
+def _distribution_tensors(distribution: Distribution) -> list[th.Tensor]:
+    tensors = []
+    for part in torch_distributions(distribution):
+        tensors.extend(value for value in vars(part).values() if isinstance(value, th.Tensor) and value.requires_grad)
+    return tensors
+
+
+def _reachable(outputs: list[th.Tensor], params: list[nn.Parameter]) -> list[bool]:
+    total = sum(output.sum() for output in outputs)
+    assert isinstance(total, th.Tensor)
+    grads = th.autograd.grad(total, params, allow_unused=True)
+    return [grad is not None for grad in grads]
+
+
+def split_actor_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """
+    Tell the actor's parameters from the critic's by following the autograd graph, not parameter names.
+
+    A parameter belongs to the actor when the action distribution depends on it, and to the critic when only
+    the value prediction does. A feature extractor shared by both counts as the actor's: it moves with the
+    natural-gradient step only, and the critic regresses on its (fixed) features.
+
+    :param policy: the policy to inspect
+    :return: (actor parameters, critic parameters), each in ``policy.parameters()`` order
+    """
+    params = [param for param in policy.parameters() if param.requires_grad]
+    observation = policy.observation_space.sample()
+    obs_tensor, _ = policy.obs_to_tensor(observation)
+    was_training = policy.training
+    policy.set_training_mode(False)
+    with th.enable_grad():
+        in_actor = _reachable(_distribution_tensors(policy.get_distribution(obs_tensor)), params)
+        in_critic = _reachable([policy.predict_values(obs_tensor)], params)
+    policy.set_training_mode(was_training)
+    actor = [param for param, used in zip(params, in_actor, strict=True) if used]
+    critic = [param for param, used, by_actor in zip(params, in_critic, in_actor, strict=True) if used and not by_actor]
+    if not actor:
+        raise ValueError("The policy's action distribution does not depend on any trainable parameter")
+    return actor, critic

@@ -1,0 +1,50 @@
+"""Natural Policy Gradient (Kakade, 2001) with a KL-sized step."""
+
+from typing import ClassVar
+
+import torch as th
+from stable_baselines3.common.policies import BasePolicy
+
+from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep
+from sb3_trust.common.surrogate import ImportanceSampledSurrogate
+from sb3_trust.npg.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+
+class NPG(NaturalGradientAlgorithm):
+    """
+    Natural Policy Gradient: θ ← θ + sqrt(2δ / sᵀFs) · s with s = F⁻¹g solved by conjugate gradient.
+
+    The step is the closed-form solution of the linear-quadratic trust-region problem (seeds 000 and 002,
+    "Solving KL Constrained Problem"); unlike TRPO there is no line search, so the realised KL is only
+    approximately δ.
+
+    The constructor's parameters are those of :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`;
+    ``target_kl`` is the δ the quadratic model of the mean KL(π_old ‖ π_new) is sized to.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+
+    def _take_step(
+        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, quadratic_form: float, objective_before: float
+    ) -> PolicyStep:
+        """
+        The closed-form natural-gradient step θ ← θ_old + sqrt(2δ / sᵀFs) · s.
+
+        :param surrogate: the surrogate of this update, frozen at θ_old
+        :param direction: s ≈ (F + λI)⁻¹ g
+        :param quadratic_form: sᵀ(F + λI)s
+        :param objective_before: L(θ_old)
+        :return: the step taken, with its realised KL and surrogate gain
+        """
+        step_size = self._max_step_size(quadratic_form)
+        new_parameters = self._actor_parameters_vector() + step_size * direction
+        if not bool(th.isfinite(new_parameters).all()):
+            self._skip_update("the natural-gradient step is not finite")
+            return PolicyStep(0.0, 0.0, 0.0, 0, False)
+        self._set_actor_parameters(new_parameters)
+        with th.no_grad():
+            evaluation = surrogate.evaluate()
+        return PolicyStep(step_size, evaluation.kl.item(), evaluation.objective.item() - objective_before, 0, True)
