@@ -97,6 +97,18 @@ def flat_parameters(params: Sequence[nn.Parameter]) -> th.Tensor:
     return parameters_to_vector(params).detach().clone()
 
 
+def set_flat_parameters(params: Sequence[nn.Parameter], flat: th.Tensor) -> None:
+    """
+    Copy a flat vector into parameters, in place (their storage, and so any optimizer's view of them, is kept).
+
+    :param params: parameters
+    :param flat: one value per parameter entry
+    """
+    with th.no_grad():
+        for param, value in zip(params, _unflatten(flat, params), strict=True):
+            param.copy_(value)
+
+
 def flat_gradient(output: th.Tensor, params: Sequence[nn.Parameter], retain_graph: bool = False) -> th.Tensor:
     """
     :param output: a scalar

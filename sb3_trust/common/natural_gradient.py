@@ -2,7 +2,6 @@
 
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -13,11 +12,10 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
-from torch.nn.utils import vector_to_parameters
 
 from sb3_trust.common.conjugate_gradient import conjugate_gradient
 from sb3_trust.common.distributions import torch_distributions
-from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters
+from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import split_actor_critic_parameters
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
@@ -272,14 +270,17 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         return FisherVectorProduct(distribution, self.actor_parameters, self.cg_damping)
 
     def _natural_gradient_direction(
-        self, gradient: th.Tensor, fisher: Callable[[th.Tensor], th.Tensor]
+        self, gradient: th.Tensor, fisher: FisherVectorProduct
     ) -> tuple[th.Tensor | None, float]:
         """
         Solve (F + λI) s = g by conjugate gradient (seed 002, "Solving KL Constrained Problem").
 
+        The damping λ only regularises the solve: the step is sized with the undamped sᵀFs, the quadratic model
+        of the KL (seed 004 §1.5.2).
+
         :param gradient: g, the flat gradient of the surrogate at θ_old
-        :param fisher: v ↦ (F + λI) v
-        :return: the direction s and sᵀ(F + λI)s, or (None, 0) when the update must be skipped
+        :param fisher: the damped Fisher-vector product
+        :return: the direction s and sᵀFs, or (None, 0) when the update must be skipped
         """
         if not bool(th.isfinite(gradient).all()):
             self._skip_update("the policy gradient is not finite")
@@ -291,7 +292,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.logger.record("train/cg_iterations", result.iterations)
         self.logger.record("train/cg_residual", result.residual_norm)
         direction = result.solution
-        quadratic_form = th.dot(direction, fisher(direction)).item()
+        quadratic_form = th.dot(direction, fisher.fisher_product(direction)).item()
         if not (bool(th.isfinite(direction).all()) and np.isfinite(quadratic_form) and quadratic_form > 0):
             self._skip_update("the natural-gradient direction is not finite or the Fisher matrix is not positive along it")
             return None, 0.0
@@ -302,13 +303,13 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         The largest α with ½ α² sᵀFs = δ: the step that reaches the trust region's edge under the quadratic
         model of the KL (seed 002: α = sqrt(2δ / sᵀFs)).
 
-        :param quadratic_form: sᵀ(F + λI)s
+        :param quadratic_form: sᵀFs
         :return: α
         """
         return float(np.sqrt(2.0 * self.target_kl / quadratic_form))
 
     def _set_actor_parameters(self, flat: th.Tensor) -> None:
-        vector_to_parameters(flat, self.actor_parameters)
+        set_flat_parameters(self.actor_parameters, flat)
 
     def _actor_parameters_vector(self) -> th.Tensor:
         return flat_parameters(self.actor_parameters)
@@ -325,7 +326,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀ(F + λI)s
+        :param quadratic_form: sᵀFs
         :param objective_before: L(θ_old)
         :return: what was done
         """
@@ -383,7 +384,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
                 epoch_losses.append(loss.detach())
         if not bool(th.isfinite(flat_parameters(self.critic_parameters)).all()):
             # An overflow inside the optimizer: undo this update and restart its moment estimates
-            vector_to_parameters(initial_parameters, self.critic_parameters)
+            set_flat_parameters(self.critic_parameters, initial_parameters)
             policy.optimizer.state.clear()
             warnings.warn("Critic update undone: it produced non-finite parameters", RuntimeWarning, stacklevel=2)
         if n_skipped > 0:

@@ -121,7 +121,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             }
         else:
             flat_obs = observations.reshape(n_samples, *observations.shape[2:])
-        flat_actions = th.as_tensor(rollout_buffer.actions.reshape(n_samples, -1), device=self.device)
+        # Cast to float32 as SB3's buffer does when it samples (integer actions break the Bernoulli log-prob)
+        flat_actions = th.as_tensor(rollout_buffer.actions.reshape(n_samples, -1).astype(np.float32), device=self.device)
         if isinstance(self.action_space, spaces.Discrete):
             flat_actions = flat_actions.long().flatten()
         values = np.empty(n_samples, dtype=np.float32)

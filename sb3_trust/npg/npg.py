@@ -35,7 +35,7 @@ class NPG(NaturalGradientAlgorithm):
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀ(F + λI)s
+        :param quadratic_form: sᵀFs
         :param objective_before: L(θ_old)
         :return: the step taken, with its realised KL and surrogate gain
         """

@@ -60,7 +60,7 @@ class TRPO(NaturalGradientAlgorithm):
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀ(F + λI)s
+        :param quadratic_form: sᵀFs
         :param objective_before: L(θ_old)
         :return: the accepted step, or a zero step when the line search failed
         """

@@ -1,0 +1,888 @@
+"""
+Compare an sb3_trust algorithm with its peer implementation under identical hyperparameters.
+
+Usage::
+
+    python -m sb3_trust.benchmark --algo trpo --env HalfCheetah-v5 --mode speed
+    python -m sb3_trust.benchmark --algo trpo --env HalfCheetah-v5 Hopper-v5 --mode returns --seeds 0 1 2 --jobs 2
+    python -m sb3_trust.benchmark --env CartPole-v1 --mode all --seeds 0 --timesteps 4096 --speed-updates 2 --jobs 1
+
+Each ``--algo`` names an entry of ``PAIRS``: our class, the peer's class (both as dotted paths, imported only
+when used) and the RL Zoo file of ``zoo_configs/`` that holds the hyperparameters. Both algorithms get the
+same hyperparameters (``--hyperparams key=value ...`` overrides them for both) and identically seeded
+environments (``make_vec_env``, plus ``VecNormalize`` with the algorithm's gamma when the config normalizes).
+
+Modes:
+
+``speed``
+    In this process only, one seed after the other, never in parallel with anything else. For each seed, ours
+    and the peer are built, warmed up with one iteration each, then timed in turn (ours, peer) over
+    ``--speed-updates`` further iterations of one ``learn()`` call each: the time of every ``train()`` call
+    (the model's ``train`` method is wrapped with a timer) and the whole ``learn()`` time, from which the
+    throughput (env steps/s) and the rollout time (learn time minus train time) follow. Torch uses
+    ``--threads`` threads (default 1). Ratios are ours / peer of the means over seeds.
+``returns``
+    Full learning runs (``--timesteps``, default: the config's ``n_timesteps``) of both algorithms for every
+    seed, in spawned worker processes, at most ``--jobs`` at a time, each with ``--threads`` torch threads.
+    Each run records every finished training episode (timestep, return) and ends with ``--eval-episodes``
+    deterministic episodes on a separate environment (seed + 10000) whose ``VecNormalize`` statistics are
+    copied from the training environment. Each run's JSON is written to ``<output>/runs/`` when it finishes.
+    The learning curves are drawn to ``<output>/<algo>_<env>_curve.png``. The wall times of these runs are
+    taken in parallel and are no speed measurement.
+``all``
+    ``speed`` for every environment, then ``returns``.
+
+The Markdown report of each environment goes to stdout and to ``<output>/<algo>_<env>_<mode>.md``, with the
+command line, the date and the machine. A new pair is one more ``PAIRS`` entry (and its config file).
+"""
+
+import argparse
+import ast
+import gc
+import importlib
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
+
+from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters
+
+_KL_NOTE = (
+    "`target_kl` is passed unchanged to both, but sb3_trust bounds the mean KL of the joint action distribution "
+    "while sb3-contrib's TRPO averages the KL over the action dimensions: with a d-dimensional Box action space "
+    "the peer's trust region is about d times wider (use `--peer-hyperparams target_kl=...` to match them)."
+)
+
+
+class Pair(NamedTuple):
+    """
+    One comparison: our algorithm, its peer, and where their hyperparameters come from.
+
+    :param ours: dotted path of our algorithm class
+    :param peer: dotted path of the peer's algorithm class
+    :param config: RL Zoo YAML file in ``zoo_configs/`` with the hyperparameters of both
+    :param note: caveat printed with every report of this pair
+    """
+
+    ours: str
+    peer: str
+    config: str
+    note: str = ""
+
+
+PAIRS: dict[str, Pair] = {
+    "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE),
+    "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE),
+}
+SIDES = ("ours", "peer")
+MODES = ("speed", "returns", "all")
+# Keys set by the benchmark itself, not by --hyperparams
+RESERVED_KEYS = ("seed", "device", "verbose", "env")
+# Run keys of the zoo format that this benchmark does not implement
+UNSUPPORTED_RUN_KEYS = ("env_wrapper", "frame_stack", "callback")
+DEFAULT_TIMESTEPS = 100_000
+EVAL_SEED_OFFSET = 10_000
+CURVE_POINTS = 200
+SMOOTHING_EPISODES = 10
+
+
+@dataclass
+class Setting:
+    """
+    Everything both sides of a comparison share on one environment.
+
+    :param env_id: Gymnasium environment id
+    :param n_envs: number of parallel environments
+    :param policy: policy name (e.g. ``MlpPolicy``)
+    :param normalize: ``VecNormalize`` keyword arguments, or None without normalization
+    :param timesteps: training steps of a learning run
+    :param kwargs: algorithm keyword arguments of our side
+    :param peer_kwargs: algorithm keyword arguments of the peer (``kwargs`` unless ``--peer-hyperparams``)
+    :param from_config: whether the config file has an entry for ``env_id``
+    """
+
+    env_id: str
+    n_envs: int
+    policy: str
+    normalize: dict[str, Any] | None
+    timesteps: int
+    kwargs: dict[str, Any]
+    peer_kwargs: dict[str, Any]
+    from_config: bool
+
+    def side_kwargs(self, side: str) -> dict[str, Any]:
+        """
+        :param side: ``"ours"`` or ``"peer"``
+        :return: the algorithm keyword arguments of that side
+        """
+        return self.kwargs if side == "ours" else self.peer_kwargs
+
+
+@dataclass
+class SpeedSample:
+    """
+    The timings of one model over ``len(train_times)`` updates of one ``learn()`` call.
+
+    :param side: ``"ours"`` or ``"peer"``
+    :param seed: the seed of the model and its environment
+    :param steps: environment steps of the timed ``learn()`` call
+    :param learn_time: seconds of the timed ``learn()`` call
+    :param train_times: seconds of each ``train()`` call within it
+    """
+
+    side: str
+    seed: int
+    steps: int
+    learn_time: float
+    train_times: list[float] = field(default_factory=list)
+
+    @property
+    def train_ms(self) -> float:
+        """Mean milliseconds of one ``train()`` call."""
+        return 1e3 * float(np.mean(self.train_times))
+
+    @property
+    def throughput(self) -> float:
+        """Environment steps per second of the whole ``learn()`` call."""
+        return self.steps / self.learn_time
+
+    @property
+    def rollout_ms(self) -> float:
+        """Milliseconds per update spent outside ``train()`` (collecting the rollout, callbacks, logging)."""
+        return 1e3 * (self.learn_time - sum(self.train_times)) / len(self.train_times)
+
+    @property
+    def train_share(self) -> float:
+        """Fraction of the ``learn()`` time spent in ``train()``."""
+        return sum(self.train_times) / self.learn_time
+
+
+@dataclass
+class RunTask:
+    """
+    One learning run of the ``returns`` mode, as sent to a worker process.
+
+    :param algo: key of ``PAIRS``
+    :param side: ``"ours"`` or ``"peer"``
+    :param class_path: dotted path of the algorithm class
+    :param setting: the environment's shared setting
+    :param seed: the seed of the model and its training environment
+    :param eval_episodes: number of deterministic evaluation episodes
+    :param device: torch device
+    :param threads: torch threads of the worker
+    :param output: folder of the results
+    """
+
+    algo: str
+    side: str
+    class_path: str
+    setting: Setting
+    seed: int
+    eval_episodes: int
+    device: str
+    threads: int
+    output: str
+
+    @property
+    def name(self) -> str:
+        """File stem of the run's results."""
+        return f"{self.algo}_{self.setting.env_id}_{self.side}_seed{self.seed}"
+
+
+class EpisodeRecorder(BaseCallback):
+    """Records (timestep, return, length) of every finished training episode, from the ``Monitor`` infos."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.episodes: list[tuple[int, float, int]] = []
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            episode = info.get("episode")
+            if episode is not None:
+                self.episodes.append((self.num_timesteps, float(episode["r"]), int(episode["l"])))
+        return True
+
+
+def resolve_class(path: str) -> type[BaseAlgorithm]:
+    """
+    Import a class from its dotted path.
+
+    :param path: e.g. ``"sb3_contrib.TRPO"``
+    :return: the class
+    """
+    module_name, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    if not (isinstance(cls, type) and issubclass(cls, BaseAlgorithm)):
+        raise TypeError(f"{path} is not a Stable-Baselines3 algorithm")
+    return cls
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """
+    :param key: the hyperparameter's name
+    :param text: its value on the command line
+    :return: the Python literal ``text`` stands for (``policy_kwargs`` may also use ``dict(...)`` and ``nn.*``),
+        or ``text`` itself when it is no literal
+    """
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if key == "policy_kwargs":
+            return eval(text, {"nn": th.nn, "dict": dict})
+        return text
+
+
+def key_value(item: str) -> tuple[str, Any]:
+    """
+    argparse type of ``--hyperparams`` items.
+
+    :param item: ``key=value``
+    :return: the key and the parsed value
+    """
+    key, separator, text = item.partition("=")
+    key = key.strip()
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+    if key in RESERVED_KEYS:
+        raise argparse.ArgumentTypeError(f"{key!r} is set by the benchmark itself")
+    try:
+        return key, _parse_value(key, text)
+    except Exception as error:
+        raise argparse.ArgumentTypeError(f"cannot parse {item!r}: {error}") from error
+
+
+def _normalize_kwargs(value: Any) -> dict[str, Any] | None:
+    """
+    :param value: the zoo's ``normalize`` entry: a bool, a dict, or a dict's string
+    :return: ``VecNormalize`` keyword arguments, or None without normalization
+    """
+    if isinstance(value, str):
+        value = ast.literal_eval(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return {} if value else None
+
+
+def make_setting(
+    pair: Pair,
+    env_id: str,
+    overrides: dict[str, Any],
+    peer_overrides: dict[str, Any],
+    timesteps: int | None,
+) -> Setting:
+    """
+    The shared setting of an environment: the pair's config entry with the command line's overrides.
+
+    :param pair: the comparison
+    :param env_id: Gymnasium environment id
+    :param overrides: ``--hyperparams`` (both sides, run keys included)
+    :param peer_overrides: ``--peer-hyperparams`` (the peer's algorithm keyword arguments only)
+    :param timesteps: ``--timesteps``, or None for the config's ``n_timesteps``
+    :return: the setting
+    """
+    hyperparameters = load_hyperparameters(Path(pair.config).stem, env_id, CONFIG_DIR)
+    from_config = bool(hyperparameters)
+    hyperparameters.update(overrides)
+    run = {key: hyperparameters.pop(key) for key in RUN_KEYS if key in hyperparameters}
+    unsupported = sorted(set(run) & set(UNSUPPORTED_RUN_KEYS))
+    if unsupported:
+        raise ValueError(f"{env_id}: the benchmark does not implement the zoo keys {unsupported}")
+    misplaced = sorted(set(peer_overrides) & set(RUN_KEYS))
+    if misplaced:
+        raise ValueError(f"--peer-hyperparams cannot change the shared run keys {misplaced}")
+    return Setting(
+        env_id=env_id,
+        n_envs=int(run.get("n_envs", 1)),
+        policy=str(run.get("policy", "MlpPolicy")),
+        normalize=_normalize_kwargs(run.get("normalize", False)),
+        timesteps=int(timesteps or float(run.get("n_timesteps", DEFAULT_TIMESTEPS))),
+        kwargs=hyperparameters,
+        peer_kwargs={**hyperparameters, **peer_overrides},
+        from_config=from_config,
+    )
+
+
+def make_env(setting: Setting, seed: int, gamma: float, n_envs: int | None = None, evaluation: bool = False) -> VecEnv:
+    """
+    :param setting: the shared setting
+    :param seed: seed of the environments
+    :param gamma: the algorithm's discount (for ``VecNormalize``'s return statistics)
+    :param n_envs: number of environments (default: the setting's)
+    :param evaluation: a ``VecNormalize`` that neither updates its statistics nor normalizes rewards
+    :return: the vectorized environment
+    """
+    env = make_vec_env(setting.env_id, n_envs=n_envs or setting.n_envs, seed=seed)
+    if setting.normalize is not None:
+        normalize_kwargs: dict[str, Any] = {"gamma": gamma, **setting.normalize}
+        if evaluation:
+            normalize_kwargs.update(training=False, norm_reward=False)
+        env = VecNormalize(env, **normalize_kwargs)
+    return env
+
+
+def build_model(class_path: str, setting: Setting, kwargs: dict[str, Any], seed: int, device: str) -> BaseAlgorithm:
+    """
+    :param class_path: dotted path of the algorithm class
+    :param setting: the shared setting
+    :param kwargs: algorithm keyword arguments
+    :param seed: seed of the model and its environment
+    :param device: torch device
+    :return: the model, on a fresh environment
+    """
+    env = make_env(setting, seed, float(kwargs.get("gamma", 0.99)))
+    return resolve_class(class_path)(setting.policy, env, seed=seed, device=device, verbose=0, **kwargs)
+
+
+def _rollout_size(model: BaseAlgorithm) -> int:
+    """
+    :param model: an on-policy model
+    :return: environment steps of one iteration (``n_steps * n_envs``)
+    """
+    return int(model.n_steps) * model.n_envs  # type: ignore[attr-defined]
+
+
+def warm_up(model: BaseAlgorithm) -> None:
+    """
+    Run one iteration (rollout and update), which resets the environment.
+
+    :param model: an on-policy model
+    """
+    model.learn(_rollout_size(model))
+
+
+def time_updates(model: BaseAlgorithm, updates: int, side: str, seed: int) -> SpeedSample:
+    """
+    Time one ``learn()`` call of ``updates`` iterations, and every ``train()`` call within it.
+
+    :param model: a warmed-up on-policy model
+    :param updates: number of iterations
+    :param side: ``"ours"`` or ``"peer"``
+    :param seed: the model's seed
+    :return: the timings
+    """
+    steps = updates * _rollout_size(model)
+    sample = SpeedSample(side, seed, steps, float("nan"))
+    original_train = model.train  # type: ignore[attr-defined]
+
+    def timed_train() -> None:
+        start = time.perf_counter()
+        original_train()
+        sample.train_times.append(time.perf_counter() - start)
+
+    setattr(model, "train", timed_train)  # noqa: B010 (shadows the method on this instance only)
+    try:
+        gc.collect()
+        start = time.perf_counter()
+        model.learn(steps, reset_num_timesteps=False)
+        sample.learn_time = time.perf_counter() - start
+    finally:
+        delattr(model, "train")
+    if len(sample.train_times) != updates:
+        raise RuntimeError(f"{side}: expected {updates} train() calls, got {len(sample.train_times)}")
+    return sample
+
+
+def measure_speed(pair: Pair, setting: Setting, seeds: Sequence[int], updates: int, device: str) -> list[SpeedSample]:
+    """
+    Time both sides on every seed, alternating them: ours, peer, ours, peer, ...
+
+    :param pair: the comparison
+    :param setting: the shared setting
+    :param seeds: one pair of fresh models per seed
+    :param updates: timed iterations per model
+    :param device: torch device
+    :return: the timings, two per seed
+    """
+    samples = []
+    paths = dict(zip(SIDES, (pair.ours, pair.peer), strict=True))
+    for seed in seeds:
+        models = {side: build_model(paths[side], setting, setting.side_kwargs(side), seed, device) for side in SIDES}
+        for side in SIDES:
+            warm_up(models[side])
+        for side in SIDES:
+            sample = time_updates(models[side], updates, side, seed)
+            samples.append(sample)
+            _progress(
+                f"speed {setting.env_id} seed {seed} {side}: train {sample.train_ms:.1f} ms/update, "
+                f"{sample.throughput:.0f} steps/s"
+            )
+        for model in models.values():
+            env = model.get_env()
+            if env is not None:
+                env.close()
+    return samples
+
+
+def learning_run(task: RunTask) -> dict[str, Any]:
+    """
+    One learning run and its final evaluation (the worker of the ``returns`` mode); writes its JSON.
+
+    :param task: what to run
+    :return: the results
+    """
+    th.set_num_threads(task.threads)
+    setting = task.setting
+    kwargs = setting.side_kwargs(task.side)
+    gamma = float(kwargs.get("gamma", 0.99))
+    model = build_model(task.class_path, setting, kwargs, task.seed, task.device)
+    recorder = EpisodeRecorder()
+    start = time.perf_counter()
+    model.learn(setting.timesteps, callback=recorder)
+    wall_time = time.perf_counter() - start
+
+    train_env = model.get_env()
+    assert train_env is not None
+    eval_env = make_env(setting, task.seed + EVAL_SEED_OFFSET, gamma, n_envs=1, evaluation=True)
+    sync_envs_normalization(train_env, eval_env)
+    returns, lengths = evaluate_policy(
+        model, eval_env, n_eval_episodes=task.eval_episodes, deterministic=True, return_episode_rewards=True
+    )
+    train_env.close()
+    eval_env.close()
+    result = {
+        "algo": task.algo,
+        "side": task.side,
+        "class": task.class_path,
+        "env": setting.env_id,
+        "seed": task.seed,
+        "timesteps": int(model.num_timesteps),
+        "n_envs": setting.n_envs,
+        "policy": setting.policy,
+        "normalize": setting.normalize,
+        "hyperparameters": kwargs,
+        "threads": task.threads,
+        "device": task.device,
+        "wall_time_s": wall_time,
+        "episodes": recorder.episodes,
+        "eval_returns": [float(value) for value in returns],  # type: ignore[union-attr]
+        "eval_lengths": [int(value) for value in lengths],  # type: ignore[union-attr]
+        "eval_mean": float(np.mean(returns)),
+        "eval_std": float(np.std(returns)),
+    }
+    _write_json(Path(task.output) / "runs" / f"{task.name}.json", result)
+    return result
+
+
+def run_returns(tasks: list[RunTask], jobs: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """
+    Run the learning runs in spawned processes, at most ``jobs`` at a time.
+
+    :param tasks: the runs
+    :param jobs: number of worker processes
+    :return: the results of the runs that finished, and an error line per run that failed
+    """
+    results, errors = [], []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(learning_run, task): task for task in tasks}
+        for done, future in enumerate(as_completed(futures), start=1):
+            task = futures[future]
+            try:
+                result = future.result()
+            except Exception as error:
+                errors.append(f"{task.name}: {type(error).__name__}: {error}")
+                _progress(f"[{done}/{len(tasks)}] {task.name} FAILED: {error!r}")
+                continue
+            results.append(result)
+            _progress(
+                f"[{done}/{len(tasks)}] {task.name}: eval {result['eval_mean']:.1f} ± {result['eval_std']:.1f}, "
+                f"{len(result['episodes'])} training episodes, {result['wall_time_s']:.0f} s"
+            )
+    return results, errors
+
+
+def _smoothed_curve(episodes: Sequence[Sequence[float]], grid: np.ndarray) -> np.ndarray:
+    """
+    :param episodes: (timestep, return, ...) of the finished episodes, in order
+    :param grid: timesteps to sample the curve at
+    :return: at each grid timestep, the mean return of the last ``SMOOTHING_EPISODES`` episodes finished by then
+        (NaN before the first)
+    """
+    timesteps = np.array([episode[0] for episode in episodes], dtype=float)
+    returns = np.array([episode[1] for episode in episodes], dtype=float)
+    cumulative = np.concatenate(([0.0], np.cumsum(returns)))
+    counts = np.arange(1, len(returns) + 1)
+    window = np.minimum(counts, SMOOTHING_EPISODES)
+    smoothed = (cumulative[counts] - cumulative[counts - window]) / window
+    index = np.searchsorted(timesteps, grid, side="right") - 1
+    return np.where(index >= 0, smoothed[np.maximum(index, 0)], np.nan)
+
+
+def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], path: Path) -> bool:
+    """
+    Learning curves of both sides on one axis: mean over seeds of the smoothed curves, min-max shaded.
+
+    :param pair: the comparison
+    :param setting: the shared setting
+    :param results: results of the runs on this environment
+    :param path: PNG file
+    :return: whether a curve was drawn
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(0, setting.timesteps, CURVE_POINTS)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for side, label in zip(SIDES, (pair.ours, pair.peer), strict=True):
+        curves = [_smoothed_curve(r["episodes"], grid) for r in results if r["side"] == side and r["episodes"]]
+        if not curves:
+            continue
+        stacked = np.stack(curves)
+        defined = np.isfinite(stacked).all(axis=0)
+        if not defined.any():
+            continue
+        x, values = grid[defined], stacked[:, defined]
+        line = axis.plot(x, values.mean(axis=0), label=f"{label} ({len(curves)} seeds)")[0]
+        axis.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+        drawn = True
+    if drawn:
+        axis.set_xlabel("timesteps")
+        axis.set_ylabel(f"training episode return ({SMOOTHING_EPISODES}-episode moving average)")
+        axis.set_title(f"{setting.env_id}: {pair.ours} vs {pair.peer}")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return drawn
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """
+    :param values: one value per seed
+    :return: their mean and (population) standard deviation
+    """
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    """
+    :param numerator: our value
+    :param denominator: the peer's value
+    :return: the ratio, formatted (``n/a`` for a zero or non-finite denominator)
+    """
+    if denominator == 0 or not np.isfinite(denominator) or not np.isfinite(numerator):
+        return "n/a"
+    return f"{numerator / denominator:.3f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """
+    :param header: column titles
+    :param rows: cells
+    :return: a Markdown table
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def speed_report(pair: Pair, samples: list[SpeedSample], updates: int, threads: int) -> str:
+    """
+    :param pair: the comparison
+    :param samples: the timings of one environment
+    :param updates: timed iterations per model
+    :param threads: torch threads
+    :return: the Markdown section of the speed mode
+    """
+    by_side = {side: [sample for sample in samples if sample.side == side] for side in SIDES}
+    quantities = (
+        ("train() time per update [ms] (lower is better)", "train_ms", "{:.1f}"),
+        ("learn() throughput [env steps/s] (higher is better)", "throughput", "{:.0f}"),
+        ("rollout time per update [ms]: (learn − train) / updates (lower is better)", "rollout_ms", "{:.1f}"),
+        ("train() share of learn() time", "train_share", "{:.3f}"),
+    )
+    no_ratio = {"train_share"}
+    rows = []
+    for title, attribute, number in quantities:
+        means = {side: _mean_std([getattr(sample, attribute) for sample in by_side[side]]) for side in SIDES}
+        cells = [f"{number.format(means[side][0])} ± {number.format(means[side][1])}" for side in SIDES]
+        ratio = "—" if attribute in no_ratio else _ratio(means["ours"][0], means["peer"][0])
+        rows.append([title, *cells, ratio])
+    seeds = [sample.seed for sample in by_side["ours"]]
+    per_seed = []
+    for ours, peer in zip(by_side["ours"], by_side["peer"], strict=True):
+        per_seed.append(
+            [
+                str(ours.seed),
+                _ratio(ours.train_ms, peer.train_ms),
+                _ratio(ours.throughput, peer.throughput),
+                _ratio(ours.rollout_ms, peer.rollout_ms),
+            ]
+        )
+    return "\n\n".join(
+        [
+            f"## Speed: {updates} timed updates per model after 1 warm-up update, torch threads {threads}, "
+            f"seeds {seeds}, ours and peer alternating",
+            markdown_table(
+                ["quantity (mean ± std over seeds)", f"ours: {pair.ours}", f"peer: {pair.peer}", "ratio ours / peer"], rows
+            ),
+            "Per seed:",
+            markdown_table(["seed", "train-time ratio", "throughput ratio", "rollout-time ratio"], per_seed),
+        ]
+    )
+
+
+def returns_report(pair: Pair, setting: Setting, results: list[dict[str, Any]], errors: list[str], curve: str) -> str:
+    """
+    :param pair: the comparison
+    :param setting: the shared setting
+    :param results: results of the runs on this environment
+    :param errors: the runs on this environment that failed
+    :param curve: file name of the learning-curve PNG, or "" without one
+    :return: the Markdown section of the returns mode
+    """
+    rows, means = [], {}
+    for side, path in zip(SIDES, (pair.ours, pair.peer), strict=True):
+        runs = sorted((r for r in results if r["side"] == side), key=lambda r: r["seed"])
+        if not runs:
+            rows.append([f"{side}: {path}", "no finished run", "", "", ""])
+            continue
+        mean, std = _mean_std([r["eval_mean"] for r in runs])
+        means[side] = mean
+        per_seed = ", ".join(f"{r['seed']}: {r['eval_mean']:.1f}" for r in runs)
+        wall = float(np.mean([r["wall_time_s"] for r in runs]))
+        episodes = float(np.mean([len(r["episodes"]) for r in runs]))
+        rows.append([f"{side}: {path}", f"{mean:.1f} ± {std:.1f} (n={len(runs)})", per_seed, f"{episodes:.0f}", f"{wall:.0f}"])
+    ratio = _ratio(means["ours"], means["peer"]) if len(means) == 2 else "n/a"
+    if ratio != "n/a" and means["peer"] < 0:
+        ratio += " (peer mean is negative: read with care)"
+    sections = [
+        f"## Returns: {setting.timesteps} timesteps per run, final evaluation over deterministic episodes",
+        markdown_table(
+            [
+                "algorithm",
+                "final eval return (mean ± std over seeds)",
+                "per seed",
+                "training episodes (mean)",
+                "wall time per run [s] (parallel runs: not a speed figure)",
+            ],
+            rows,
+        ),
+        f"Ratio of the mean final eval returns, ours / peer: **{ratio}**",
+    ]
+    if errors:
+        sections.append("Failed runs:\n\n" + "\n".join(f"- {error}" for error in errors))
+    if curve:
+        sections.append(f"![learning curves]({curve})")
+    return "\n\n".join(sections)
+
+
+def machine_info(threads: int) -> str:
+    """
+    :param threads: torch threads of the measurements
+    :return: CPU, OS and library versions, as a Markdown list
+    """
+    import gymnasium
+    import stable_baselines3
+
+    import sb3_trust
+
+    def version(module: str) -> str:
+        try:
+            return str(importlib.import_module(module).__version__)
+        except ImportError:
+            return "not installed"
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    items = [
+        f"CPU: {cpu}; os.cpu_count() = {os.cpu_count()}, usable by this process: {usable}",
+        f"OS: {platform.platform()}; Python {platform.python_version()}",
+        f"torch {th.__version__} ({threads} thread(s)), stable-baselines3 {stable_baselines3.__version__}, "
+        f"sb3-contrib {version('sb3_contrib')}, gymnasium {gymnasium.__version__}, numpy {np.__version__}, "
+        f"sb3_trust {sb3_trust.__version__} (git {_git_revision()})",
+    ]
+    return "\n".join(f"- {item}" for item in items)
+
+
+def _git_revision() -> str:
+    """:return: ``git describe --always --dirty`` of the repository, or ``unknown``"""
+    try:
+        completed = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return completed.stdout.strip() or "unknown"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """
+    Write ``data`` as JSON atomically (a temporary file renamed over ``path``).
+
+    :param path: target file
+    :param data: JSON-able data (other objects are written as their ``repr``)
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=1, default=repr))
+    os.replace(temporary, path)
+
+
+def _progress(message: str) -> None:
+    """
+    :param message: a progress line, for stderr (stdout carries the report)
+    """
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """
+    :param argv: command-line arguments (default: ``sys.argv``)
+    :return: the parsed arguments
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_trust.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--algo", default="trpo", choices=sorted(PAIRS), help="the pair to compare (default: trpo)")
+    parser.add_argument("--env", nargs="+", default=["HalfCheetah-v5"], help="environment id(s)")
+    parser.add_argument("--mode", default="all", choices=MODES, help="what to measure (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--timesteps", type=int, default=None, help="steps per learning run (default: config)")
+    parser.add_argument("--speed-updates", type=int, default=10, help="timed updates per model (default: 10)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel learning runs (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="final evaluation episodes (default: 10)")
+    parser.add_argument("--output", default="benchmark_results", help="results folder (default: benchmark_results)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--hyperparams",
+        nargs="+",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config entries for both algorithms; values are Python literals (e.g. n_steps=512 normalize=False)",
+    )
+    parser.add_argument(
+        "--peer-hyperparams",
+        nargs="+",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override algorithm arguments of the peer only (breaks the identical setting; shown in the report)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("speed_updates", "jobs", "threads", "eval_episodes", "timesteps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def _header(pair: Pair, args: argparse.Namespace, argv: list[str], setting: Setting, date: str) -> str:
+    """
+    :param pair: the comparison
+    :param args: the parsed arguments
+    :param argv: the command-line arguments
+    :param setting: the shared setting
+    :param date: the benchmark's start
+    :return: the Markdown head of a report: command, date, machine, settings and caveats
+    """
+    lines = [
+        f"# {args.algo} on {setting.env_id}: {pair.ours} (ours) vs {pair.peer} (peer)",
+        "",
+        f"Command: `python -m sb3_trust.benchmark {shlex.join(argv)}`",
+        "",
+        f"Date: {date}",
+        "",
+        "Machine:",
+        "",
+        machine_info(args.threads),
+        "",
+        f"Setting (both): n_envs={setting.n_envs}, policy={setting.policy}, normalize={setting.normalize}, "
+        f"device={args.device}, hyperparameters `{setting.kwargs!r}`",
+    ]
+    if setting.peer_kwargs != setting.kwargs:
+        lines += ["", f"**Peer hyperparameters differ**: `{setting.peer_kwargs!r}`"]
+    if not setting.from_config:
+        lines += ["", f"No entry for {setting.env_id} in zoo_configs/{pair.config}: algorithm defaults."]
+    if pair.note:
+        lines += ["", f"Note: {pair.note}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    :param argv: command-line arguments (default: ``sys.argv``)
+    :return: the exit status: 1 when a learning run failed
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    date = datetime.now().astimezone().isoformat(timespec="seconds")
+    pair = PAIRS[args.algo]
+    output = Path(args.output)
+    settings = {
+        env_id: make_setting(pair, env_id, dict(args.hyperparams), dict(args.peer_hyperparams), args.timesteps)
+        for env_id in args.env
+    }
+    sections: dict[str, list[str]] = {env_id: [] for env_id in args.env}
+
+    if args.mode in ("speed", "all"):
+        th.set_num_threads(args.threads)
+        for env_id, setting in settings.items():
+            samples = measure_speed(pair, setting, args.seeds, args.speed_updates, args.device)
+            _write_json(output / f"{args.algo}_{env_id}_speed.json", [asdict(sample) for sample in samples])
+            sections[env_id].append(speed_report(pair, samples, args.speed_updates, args.threads))
+
+    errors: list[str] = []
+    if args.mode in ("returns", "all"):
+        paths = dict(zip(SIDES, (pair.ours, pair.peer), strict=True))
+        tasks = [
+            RunTask(args.algo, side, paths[side], setting, seed, args.eval_episodes, args.device, args.threads, str(output))
+            for setting in settings.values()
+            for seed in args.seeds
+            for side in SIDES
+        ]
+        results, errors = run_returns(tasks, args.jobs)
+        for env_id, setting in settings.items():
+            env_results = [r for r in results if r["env"] == env_id]
+            env_errors = [error for error in errors if error.startswith(f"{args.algo}_{env_id}_")]
+            curve = output / f"{args.algo}_{env_id}_curve.png"
+            drawn = plot_curves(pair, setting, env_results, curve)
+            sections[env_id].append(returns_report(pair, setting, env_results, env_errors, curve.name if drawn else ""))
+
+    for env_id, setting in settings.items():
+        report = "\n\n".join([_header(pair, args, argv, setting, date), *sections[env_id]]) + "\n"
+        path = output / f"{args.algo}_{env_id}_{args.mode}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report)
+        print(report, flush=True)
+        _progress(f"report: {path}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

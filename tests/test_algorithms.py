@@ -1,0 +1,269 @@
+import warnings
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
+from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+from sb3_trust import NPG, TRPO
+from sb3_trust.common.distributions import detach_distribution, mean_kl
+
+ALGORITHMS = [NPG, TRPO]
+SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, policy_kwargs=dict(net_arch=[16]), seed=0)
+
+
+def action_space_envs() -> dict[str, Any]:
+    return {
+        "box": lambda: IdentityEnvBox(ep_length=20),
+        "discrete": lambda: IdentityEnv(3, ep_length=20),
+        "multidiscrete": lambda: IdentityEnvMultiDiscrete(2, ep_length=20),
+        "multibinary": lambda: IdentityEnvMultiBinary(2, ep_length=20),
+    }
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("space", list(action_space_envs()))
+def test_runs_on_every_action_space(algo: type[NPG], space: str) -> None:
+    model = algo("MlpPolicy", DummyVecEnv([action_space_envs()[space]] * 2), **SMALL)
+    model.learn(256)
+    assert model.logger.name_to_value["train/n_updates"] == 2
+    for param in model.policy.parameters():
+        assert th.isfinite(param).all()
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_gsde_and_vecnormalize(algo: type[NPG]) -> None:
+    env = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0))
+    model = algo("MlpPolicy", env, use_sde=True, sde_sample_freq=4, **SMALL)
+    model.learn(256)
+    assert "train/std" in model.logger.name_to_value
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_dict_observations(algo: type[NPG]) -> None:
+    env = DummyVecEnv([lambda: SimpleMultiObsEnv(random_start=False)])
+    model = algo("MultiInputPolicy", env, **SMALL)
+    model.learn(128)
+    assert model.logger.name_to_value["train/n_updates"] == 2
+
+
+class TinyImageEnv(gym.Env):
+    """Rewards the action that matches the brightest quadrant of a 36x36 image."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(0, 255, (36, 36, 1), dtype=np.uint8)
+        self.action_space = gym.spaces.Discrete(4)
+        self.target = 0
+
+    def _obs(self) -> np.ndarray:
+        image = np.zeros((36, 36, 1), dtype=np.uint8)
+        row, col = divmod(self.target, 2)
+        image[row * 18 : (row + 1) * 18, col * 18 : (col + 1) * 18] = 255
+        return image
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.target = int(self.np_random.integers(4))
+        return self._obs(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = float(action == self.target)
+        self.target = int(self.np_random.integers(4))
+        return self._obs(), reward, False, False, {}
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_image_observations(algo: type[NPG]) -> None:
+    policy_kwargs = dict(features_extractor_kwargs=dict(features_dim=16), net_arch=[])
+    model = algo("CnnPolicy", DummyVecEnv([TinyImageEnv]), **{**SMALL, "policy_kwargs": policy_kwargs})
+    model.learn(128)
+    # The shared CNN belongs to the actor: the critic's optimizer holds only the value head
+    critic_ids = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
+    assert critic_ids == {id(p) for p in model.policy.value_net.parameters()}
+
+
+class KLRecorder(BaseCallback):
+    """Measures the mean KL of each update on the rollout it was computed from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kls: list[float] = []
+        self.old: Any = None
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _snapshot(self) -> None:
+        samples = next(self.model.rollout_buffer.get(batch_size=None))
+        self.observations = samples.observations
+        with th.no_grad():
+            self.old = detach_distribution(self.model.policy.get_distribution(self.observations))
+
+    def _on_rollout_end(self) -> None:
+        self._snapshot()
+
+    def measure(self) -> None:
+        with th.no_grad():
+            self.kls.append(mean_kl(self.old, self.model.policy.get_distribution(self.observations)).item())
+
+
+def learn_and_measure_kl(model: NPG, n_updates: int) -> tuple[list[float], list[float]]:
+    recorder = KLRecorder()
+    logged = []
+    original_train = model.train
+
+    def train_and_measure() -> None:
+        original_train()
+        recorder.measure()
+        logged.append(model.logger.name_to_value["train/kl_divergence"])
+
+    model.train = train_and_measure  # type: ignore[method-assign]
+    model.learn(n_updates * model.n_steps * model.n_envs, callback=recorder)
+    return recorder.kls, logged
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_trpo_step_never_exceeds_trust_region(env_id: str) -> None:
+    target_kl = 0.02
+    model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=1), target_kl=target_kl, **SMALL)
+    kls, logged = learn_and_measure_kl(model, n_updates=8)
+    assert len(kls) == 8
+    assert max(kls) <= target_kl * (1 + 1e-5)
+    assert np.allclose(kls, logged, rtol=1e-4, atol=1e-7)
+    assert max(kls) > 0.0
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_npg_realised_kl_close_to_target(env_id: str) -> None:
+    target_kl = 0.01
+    model = NPG("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=2), target_kl=target_kl, **{**SMALL, "n_steps": 256})
+    kls, _ = learn_and_measure_kl(model, n_updates=6)
+    assert all(0.5 * target_kl <= kl <= 2.0 * target_kl for kl in kls), kls
+
+
+def test_trpo_logs_expected_keys() -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), **SMALL)
+    model.learn(64)
+    keys = set(model.logger.name_to_value)
+    for key in [
+        "kl_divergence",
+        "policy_objective",
+        "value_loss",
+        "explained_variance",
+        "entropy",
+        "std",
+        "cg_iterations",
+        "cg_residual",
+        "step_size",
+        "line_search_steps",
+        "is_line_search_success",
+    ]:
+        assert f"train/{key}" in keys
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_kl=0.0), "target_kl"),
+        (dict(target_kl=-1.0), "target_kl"),
+        (dict(cg_max_steps=0), "cg_max_steps"),
+        (dict(n_steps=0), "n_steps"),
+        (dict(n_steps=64, batch_size=48), "batch_size"),
+        (dict(cg_damping=-0.1), "cg_damping"),
+        (dict(n_critic_updates=0), "n_critic_updates"),
+    ],
+)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_bad_parameters_fail_at_construction(algo: type[NPG], kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        algo("MlpPolicy", "CartPole-v1", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(line_search_shrinking_factor=1.0), dict(line_search_max_iter=0)])
+def test_bad_line_search_parameters(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        TRPO("MlpPolicy", "CartPole-v1", **kwargs)
+
+
+class TupleActionEnv(IdentityEnv):
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.action_space = gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Discrete(2)])
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_unsupported_action_space(algo: type[NPG]) -> None:
+    with pytest.raises(AssertionError, match="action space"):
+        algo("MlpPolicy", DummyVecEnv([TupleActionEnv]))
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_non_finite_gradient_skips_update(algo: type[NPG]) -> None:
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), **SMALL)
+    model.learn(64)
+    before = [p.detach().clone() for p in model.actor_parameters]
+    # After learn() the buffer holds the flattened rollout of the last update
+    model.rollout_buffer.advantages[0] = np.nan
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        model.train()
+    for old, new in zip(before, model.actor_parameters, strict=True):
+        assert th.equal(old, new)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_non_finite_step_never_reaches_parameters(algo: type[NPG], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), **SMALL)
+    model.learn(64)
+    before = [p.detach().clone() for p in model.actor_parameters]
+    monkeypatch.setattr(model, "_max_step_size", lambda quadratic_form: float("inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model.train()
+    for old, new in zip(before, model.actor_parameters, strict=True):
+        assert th.equal(old, new)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_save_load_reproduces_and_continues(algo: type[NPG], tmp_path: Any) -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = algo("MlpPolicy", env, **SMALL)
+    model.learn(256)
+    model.save(tmp_path / "model")
+    loaded = algo.load(tmp_path / "model", env=env)
+    for (name, param), (_, loaded_param) in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().items(), strict=True
+    ):
+        assert th.equal(param, loaded_param), name
+    assert loaded.target_kl == model.target_kl and loaded.n_critic_updates == model.n_critic_updates
+    observations = np.stack([env.observation_space.sample() for _ in range(10)])
+    assert np.array_equal(model.predict(observations, deterministic=True)[0], loaded.predict(observations, deterministic=True)[0])
+    critic_ids = {id(p) for group in loaded.policy.optimizer.param_groups for p in group["params"]}
+    assert critic_ids == {id(p) for p in loaded.critic_parameters}
+    assert loaded.policy.optimizer.state_dict()["state"], "the critic optimizer's moments were lost"
+    loaded.learn(128, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 256 + 128
+    assert any(not th.equal(a, b) for a, b in zip(model.actor_parameters, loaded.actor_parameters, strict=True))
+
+
+def test_rollout_values_and_log_probs_match_sb3_forward() -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
+    model.learn(64)
+    buffer = model.rollout_buffer
+    # The update changed the policy: recompute with the parameters of the rollout
+    model2 = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
+    model2._setup_learn(64)
+    model2.collect_rollouts(model2.env, model2._init_callback(None), model2.rollout_buffer, model2.n_steps)
+    buffer = model2.rollout_buffer
+    obs = th.as_tensor(buffer.observations.reshape(-1, 3))
+    actions = th.as_tensor(buffer.actions.reshape(-1, 1))
+    with th.no_grad():
+        values, log_prob, _ = model2.policy.evaluate_actions(obs, actions)
+    assert np.allclose(buffer.values.reshape(-1), values.numpy().reshape(-1), atol=1e-6)
+    assert np.allclose(buffer.log_probs.reshape(-1), log_prob.numpy(), atol=1e-5)
+    assert np.isfinite(buffer.advantages).all() and np.abs(buffer.advantages).sum() > 0

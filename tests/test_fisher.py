@@ -1,0 +1,143 @@
+import gymnasium as gym
+import pytest
+import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
+
+from sb3_trust.common import distributions as trust_distributions
+from sb3_trust.common.distributions import detach_distribution, kl_divergence, mean_kl
+from sb3_trust.common.fisher import FisherVectorProduct
+from sb3_trust.common.policies import split_actor_critic_parameters
+
+ACTION_SPACES = {
+    "gaussian": (gym.spaces.Box(-1, 1, (2,)), {}),
+    "gsde": (gym.spaces.Box(-1, 1, (2,)), {"use_sde": True}),
+    "gsde-shared-std": (gym.spaces.Box(-1, 1, (2,)), {"use_sde": True, "full_std": False}),
+    "categorical": (gym.spaces.Discrete(3), {}),
+    "multi-categorical": (gym.spaces.MultiDiscrete([2, 3]), {}),
+    "bernoulli": (gym.spaces.MultiBinary(2), {}),
+}
+
+
+def tiny_policy(name: str, seed: int = 0) -> ActorCriticPolicy:
+    th.manual_seed(seed)
+    action_space, kwargs = ACTION_SPACES[name]
+    policy = ActorCriticPolicy(
+        gym.spaces.Box(-1, 1, (3,)), action_space, lambda _: 1e-3, net_arch=[4], log_std_init=-0.3, **kwargs
+    )
+    with th.no_grad():
+        for param in policy.parameters():
+            # Move away from the orthogonal init with its near-zero output layer, so every block is non-trivial
+            param.normal_(0.0, 0.7)
+    return policy
+
+
+def dense_kl_hessian(policy: ActorCriticPolicy, obs: th.Tensor, params: list[th.nn.Parameter]) -> th.Tensor:
+    old = detach_distribution(policy.get_distribution(obs))
+    kl = mean_kl(old, policy.get_distribution(obs))
+    grad = th.cat([g.reshape(-1) for g in th.autograd.grad(kl, params, create_graph=True, materialize_grads=True)])
+    rows = [
+        th.autograd.grad(grad[i], params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        for i in range(len(grad))
+    ]
+    return th.stack([th.cat([g.reshape(-1) for g in row]) for row in rows])
+
+
+def dense_fisher(fvp: FisherVectorProduct, n: int) -> th.Tensor:
+    return th.stack([fvp(e) for e in th.eye(n)])
+
+
+@pytest.mark.parametrize("name", list(ACTION_SPACES))
+def test_fisher_vector_product_equals_kl_hessian(name: str) -> None:
+    policy = tiny_policy(name)
+    actor, _ = split_actor_critic_parameters(policy)
+    obs = th.randn(9, 3)
+    fvp = FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.0)
+    assert fvp.is_analytic
+    n = sum(p.numel() for p in actor)
+    fisher = dense_fisher(fvp, n)
+    hessian = dense_kl_hessian(policy, obs, actor)
+    assert hessian.norm() > 1e-3
+    assert (fisher - hessian).norm() / hessian.norm() < 1e-5
+    # Symmetric, and positive definite once damped
+    assert (fisher - fisher.T).norm() / fisher.norm() < 1e-5
+    damped = dense_fisher(FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.1), n)
+    assert th.linalg.eigvalsh((damped + damped.T) / 2).min() > 0.1 - 1e-4
+
+
+@pytest.mark.parametrize("name", ["gaussian", "categorical"])
+def test_fallback_kl_hessian_path_matches_analytic(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = tiny_policy(name, seed=1)
+    actor, _ = split_actor_critic_parameters(policy)
+    obs = th.randn(6, 3)
+    v = th.randn(sum(p.numel() for p in actor))
+    analytic = FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.05)(v)
+    monkeypatch.setattr(trust_distributions, "_METRICS", {})
+    fallback = FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.05)
+    assert not fallback.is_analytic
+    assert th.allclose(fallback(v), analytic, rtol=1e-4, atol=1e-6)
+
+
+def test_fisher_product_is_repeatable_and_linear() -> None:
+    policy = tiny_policy("gaussian")
+    actor, _ = split_actor_critic_parameters(policy)
+    fvp = FisherVectorProduct(policy.get_distribution(th.randn(5, 3)), actor, damping=0.0)
+    u, v = th.randn(2, sum(p.numel() for p in actor))
+    assert th.allclose(fvp(u + 2 * v), fvp(u) + 2 * fvp(v), atol=1e-5)
+    assert th.equal(fvp(u), fvp(u))
+
+
+def test_kl_sums_over_action_dimensions() -> None:
+    policy = tiny_policy("gaussian")
+    obs = th.randn(4, 3)
+    old = detach_distribution(policy.get_distribution(obs))
+    with th.no_grad():
+        policy.log_std += 0.3
+        policy.action_net.bias += 0.2
+    new = policy.get_distribution(obs)
+    mu0, s0 = old.distribution.loc, old.distribution.scale
+    mu1, s1 = new.distribution.loc, new.distribution.scale
+    expected = (th.log(s1 / s0) + (s0**2 + (mu0 - mu1) ** 2) / (2 * s1**2) - 0.5).sum(dim=1)
+    assert th.allclose(kl_divergence(old, new), expected, atol=1e-6)
+    assert mean_kl(old, new).item() == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_kl_multi_categorical_is_sum_of_parts() -> None:
+    policy = tiny_policy("multi-categorical")
+    obs = th.randn(4, 3)
+    old = detach_distribution(policy.get_distribution(obs))
+    with th.no_grad():
+        policy.action_net.bias += th.linspace(-1, 1, 5)
+    new = policy.get_distribution(obs)
+    parts = [th.distributions.kl_divergence(p, q) for p, q in zip(old.distribution, new.distribution, strict=True)]
+    assert th.allclose(kl_divergence(old, new), parts[0] + parts[1])
+    assert (kl_divergence(old, new) > 0).all()
+
+
+def test_detached_distribution_survives_policy_reuse() -> None:
+    policy = tiny_policy("categorical")
+    obs = th.randn(4, 3)
+    old = detach_distribution(policy.get_distribution(obs))
+    logits_before = old.distribution.logits.clone()
+    policy.get_distribution(th.randn(4, 3))  # SB3 reuses its Distribution object
+    assert th.equal(old.distribution.logits, logits_before)
+    assert not old.distribution.logits.requires_grad
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_actor_critic_split_follows_structure(share: bool) -> None:
+    policy = ActorCriticPolicy(
+        gym.spaces.Box(-1, 1, (3,)),
+        gym.spaces.Box(-1, 1, (2,)),
+        lambda _: 1e-3,
+        net_arch=dict(pi=[8], vf=[8]),
+        share_features_extractor=share,
+    )
+    actor, critic = split_actor_critic_parameters(policy)
+    actor_ids, critic_ids = {id(p) for p in actor}, {id(p) for p in critic}
+    assert not actor_ids & critic_ids
+    assert id(policy.log_std) in actor_ids
+    assert {id(p) for p in policy.action_net.parameters()} <= actor_ids
+    assert {id(p) for p in policy.mlp_extractor.policy_net.parameters()} <= actor_ids
+    assert {id(p) for p in policy.value_net.parameters()} <= critic_ids
+    assert {id(p) for p in policy.mlp_extractor.value_net.parameters()} <= critic_ids
+    assert len(actor) + len(critic) == len(list(policy.parameters()))

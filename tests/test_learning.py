@@ -1,0 +1,21 @@
+"""Learning checks: each algorithm solves CartPole-v1 within 100k steps for a fixed seed."""
+
+import pytest
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from sb3_trust import NPG, TRPO
+from sb3_trust.train import load_hyperparameters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", [NPG, TRPO])
+def test_solves_cartpole_within_100k_steps(algo: type[NPG]) -> None:
+    hyperparameters = load_hyperparameters(algo.__name__.lower(), "CartPole-v1")
+    n_envs = hyperparameters.pop("n_envs")
+    for key in ("n_timesteps", "policy"):
+        hyperparameters.pop(key)
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=n_envs, seed=0), seed=0, **hyperparameters)
+    model.learn(100_000)
+    mean_return, _ = evaluate_policy(model, make_vec_env("CartPole-v1", n_envs=1, seed=123), n_eval_episodes=20)
+    assert mean_return >= 475
