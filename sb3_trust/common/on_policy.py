@@ -5,7 +5,9 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BaseModel
 from stable_baselines3.common.type_aliases import TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
@@ -21,8 +23,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     SB3 runs the actor *and* the critic, and builds the action's log-probability, at every environment step.
     Only the action is needed to step the environment: the policy does not change during a rollout, so the
     values and log-probabilities of all collected states are computed here in one batched pass when the rollout
-    ends. The actions drawn, the random-number stream, the buffer contents and the callbacks' calls are the same
-    as SB3's; each step just runs one small network instead of two.
+    ends. The buffer contents and the callbacks' calls are the same as SB3's; each step runs only the actor,
+    and draws its action without SB3's distribution objects where the law allows (``_sample_actions``).
     """
 
     def collect_rollouts(
@@ -60,7 +62,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
                 self.policy.reset_noise(env.num_envs)
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions = self.policy.get_distribution(obs_tensor).get_actions()
+                actions = self._sample_actions(obs_tensor)
             actions = actions.reshape((-1, *self.action_space.shape)).cpu().numpy()  # type: ignore[misc]
             clipped_actions = actions
             if clip_actions:
@@ -106,6 +108,26 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _sample_actions(self, obs_tensor: th.Tensor | TensorDict) -> th.Tensor:
+        """
+        Draw actions from the current policy, without building a distribution object where that is avoidable.
+
+        For the diagonal Gaussian and the categorical, SB3's ``Distribution`` wrappers (and torch's argument
+        validation) cost more than the network itself at the batch sizes of a rollout; the draw here has the same
+        law. Other distributions (gSDE, multi-categorical, Bernoulli, custom) go through SB3.
+
+        :param obs_tensor: observations of the vectorized environment
+        :return: the sampled actions
+        """
+        policy = self.policy
+        if type(policy.action_dist) not in (DiagGaussianDistribution, CategoricalDistribution):
+            return policy.get_distribution(obs_tensor).get_actions()
+        features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
+        action_params = policy.action_net(policy.mlp_extractor.forward_actor(features))
+        if isinstance(policy.action_dist, DiagGaussianDistribution):
+            return action_params + th.randn_like(action_params) * policy.log_std.exp()
+        return th.multinomial(th.softmax(action_params, dim=-1), 1).squeeze(-1)
 
     def _evaluate_rollout(self, rollout_buffer: RolloutBuffer) -> None:
         """

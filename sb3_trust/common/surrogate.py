@@ -11,10 +11,10 @@ from stable_baselines3.common.type_aliases import RolloutBufferSamples, TensorDi
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 
 
-def index_observations(observations: th.Tensor | TensorDict, indices: th.Tensor) -> th.Tensor | TensorDict:
+def index_observations(observations: th.Tensor | TensorDict, indices: th.Tensor | slice) -> th.Tensor | TensorDict:
     """
     :param observations: a batch of observations (a tensor, or a dict of tensors for Dict spaces)
-    :param indices: the rows to keep
+    :param indices: the rows to keep (indices, or a slice for a view)
     :return: the selected rows
     """
     if isinstance(observations, dict):

@@ -13,8 +13,8 @@ class NPG(NaturalGradientAlgorithm):
     """
     Natural Policy Gradient: θ ← θ + sqrt(2δ / sᵀFs) · s with s = F⁻¹g solved by conjugate gradient.
 
-    The step is the closed-form solution of the linear-quadratic trust-region problem (seeds 000 and 002,
-    "Solving KL Constrained Problem"); unlike TRPO there is no line search, so the realised KL is only
+    The step is the closed-form solution of the linear-quadratic trust-region problem (Kakade, 2001; Schulman,
+    "Advanced Policy Gradient Methods", 2017); unlike TRPO there is no line search, so the realised KL is only
     approximately δ.
 
     The constructor's parameters are those of :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`;
@@ -35,7 +35,7 @@ class NPG(NaturalGradientAlgorithm):
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀFs
+        :param quadratic_form: sᵀ(F + λI)s
         :param objective_before: L(θ_old)
         :return: the step taken, with its realised KL and surrogate gain
         """

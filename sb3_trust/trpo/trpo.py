@@ -4,7 +4,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv
 
 from sb3_trust.common.line_search import backtracking_line_search
 from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep
@@ -15,7 +16,8 @@ from sb3_trust.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 class TRPO(NaturalGradientAlgorithm):
     """
     Trust Region Policy Optimization: the natural-gradient direction s = F⁻¹g, then a backtracking line search
-    from the trust region's edge sqrt(2δ / sᵀFs) · s on the true surrogate and the true mean KL (seed 004 §1.5).
+    from the trust region's edge sqrt(2δ / sᵀFs) · s on the true surrogate and the true mean KL
+    (Schulman et al., 2015, Sec. 6 and App. C).
     A step is kept only if the surrogate improves and the mean KL(π_old ‖ π_new) on the rollout is at most δ;
     otherwise the old parameters stay.
 
@@ -38,8 +40,8 @@ class TRPO(NaturalGradientAlgorithm):
 
     def __init__(
         self,
-        policy: str | type[MlpPolicy],
-        env: Any,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
         **kwargs: Any,
@@ -60,7 +62,7 @@ class TRPO(NaturalGradientAlgorithm):
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀFs
+        :param quadratic_form: sᵀ(F + λI)s
         :param objective_before: L(θ_old)
         :return: the accepted step, or a zero step when the line search failed
         """
