@@ -24,7 +24,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(N_JOBS) tests
-	$(MAKE) docs
+	$(MAKE) lint type docs
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

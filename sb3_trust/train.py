@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> float:
     mean_return, std_return = evaluate_policy(model, env, n_eval_episodes=args.eval_episodes, deterministic=True)
     print(f"Mean return over {args.eval_episodes} episodes: {mean_return:.1f} +/- {std_return:.1f}")
     print(f"Checkpoint: {checkpoint.resolve()}")
-    return float(np.float64(mean_return))
+    return float(mean_return)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

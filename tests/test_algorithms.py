@@ -7,8 +7,13 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
-from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.envs import (
+    IdentityEnv,
+    IdentityEnvBox,
+    IdentityEnvMultiBinary,
+    IdentityEnvMultiDiscrete,
+    SimpleMultiObsEnv,
+)
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_trust import NPG, TRPO
@@ -142,7 +147,9 @@ def test_trpo_step_never_exceeds_trust_region(env_id: str) -> None:
 @pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
 def test_npg_realised_kl_close_to_target(env_id: str) -> None:
     target_kl = 0.01
-    model = NPG("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=2), target_kl=target_kl, cg_damping=0.01, **{**SMALL, "n_steps": 256})
+    model = NPG(
+        "MlpPolicy", make_vec_env(env_id, n_envs=2, seed=2), target_kl=target_kl, cg_damping=0.01, **{**SMALL, "n_steps": 256}
+    )
     kls, _ = learn_and_measure_kl(model, n_updates=6)
     assert all(0.5 * target_kl <= kl <= 2.0 * target_kl for kl in kls), kls
 
@@ -242,7 +249,9 @@ def test_save_load_reproduces_and_continues(algo: type[NPG], tmp_path: Any) -> N
         assert th.equal(param, loaded_param), name
     assert loaded.target_kl == model.target_kl and loaded.n_critic_updates == model.n_critic_updates
     observations = np.stack([env.observation_space.sample() for _ in range(10)])
-    assert np.array_equal(model.predict(observations, deterministic=True)[0], loaded.predict(observations, deterministic=True)[0])
+    assert np.array_equal(
+        model.predict(observations, deterministic=True)[0], loaded.predict(observations, deterministic=True)[0]
+    )
     critic_ids = {id(p) for group in loaded.policy.optimizer.param_groups for p in group["params"]}
     assert critic_ids == {id(p) for p in loaded.critic_parameters}
     assert loaded.policy.optimizer.state_dict()["state"], "the critic optimizer's moments were lost"

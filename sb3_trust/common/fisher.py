@@ -83,9 +83,7 @@ class FisherVectorProduct:
             materialize_grads=True,
         )
         metric_jacobian_vector = self._metric(list(jacobian_vector))
-        product = th.autograd.grad(
-            self._outputs, self.params, metric_jacobian_vector, retain_graph=True, allow_unused=True
-        )
+        product = th.autograd.grad(self._outputs, self.params, metric_jacobian_vector, retain_graph=True, allow_unused=True)
         return _flat(product, self.params).detach() / self._batch_size
 
 

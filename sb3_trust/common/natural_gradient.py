@@ -274,9 +274,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             distribution = surrogate.distribution_on(indices)
         return FisherVectorProduct(distribution, self.actor_parameters, self.cg_damping)
 
-    def _natural_gradient_direction(
-        self, gradient: th.Tensor, fisher: FisherVectorProduct
-    ) -> tuple[th.Tensor | None, float]:
+    def _natural_gradient_direction(self, gradient: th.Tensor, fisher: FisherVectorProduct) -> tuple[th.Tensor | None, float]:
         """
         Solve (F + λI) s = g by conjugate gradient (seed 002, "Solving KL Constrained Problem").
 
@@ -342,7 +340,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             if entropy is not None:
                 self.logger.record("train/entropy", entropy.mean().item())
             if isinstance(self.action_space, spaces.Box):
-                scale = th.cat([part.scale.reshape(-1) for part in torch_distributions(distribution)])
+                scale = th.cat([part.stddev.reshape(-1) for part in torch_distributions(distribution)])
                 self.logger.record("train/std", scale.mean().item())
 
     def _update_critic(self, samples: RolloutBufferSamples) -> float:
@@ -367,7 +365,9 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
         else:
             inputs = samples.observations
-            predict = policy.predict_values
+
+            def predict(batch: Any) -> th.Tensor:
+                return policy.predict_values(batch)
 
         n_samples = len(returns)
         initial_parameters = flat_parameters(self.critic_parameters)
@@ -399,4 +399,3 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "actor_parameters", "critic_parameters"]
-

@@ -62,8 +62,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
                 self.policy.reset_noise(env.num_envs)
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions = self._sample_actions(obs_tensor)
-            actions = actions.reshape((-1, *self.action_space.shape)).cpu().numpy()  # type: ignore[misc]
+                action_tensor = self._sample_actions(obs_tensor)
+            actions = action_tensor.reshape((-1, *self.action_space.shape)).cpu().numpy()  # type: ignore[misc]
             clipped_actions = actions
             if clip_actions:
                 assert isinstance(self.action_space, spaces.Box)
@@ -80,10 +80,10 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
 
             if isinstance(self.action_space, spaces.Discrete):
                 actions = actions.reshape(-1, 1)
-            for env_index in np.flatnonzero(dones):
-                info = infos[env_index]
+            for done_index in np.flatnonzero(dones):
+                info = infos[done_index]
                 if info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
-                    truncated_episodes.append((n_steps, int(env_index), info["terminal_observation"]))
+                    truncated_episodes.append((n_steps, int(done_index), info["terminal_observation"]))
             rollout_buffer.add(
                 self._last_obs,  # type: ignore[arg-type]
                 actions,
@@ -99,9 +99,9 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         with th.no_grad():
             self._evaluate_rollout(rollout_buffer)
             # Bootstrap episodes cut by a time limit with the value of their last state (SB3 issue #633)
-            for step, env_index, terminal_obs in truncated_episodes:
+            for step_index, env_index, terminal_obs in truncated_episodes:
                 terminal_value = self.policy.predict_values(self.policy.obs_to_tensor(terminal_obs)[0])
-                rollout_buffer.rewards[step, env_index] += self.gamma * terminal_value.item()
+                rollout_buffer.rewards[step_index, env_index] += self.gamma * terminal_value.item()
             values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
 

@@ -9,7 +9,7 @@ from sb3_trust.common.distributions import torch_distributions
 
 
 def _distribution_tensors(distribution: Distribution) -> list[th.Tensor]:
-    tensors = []
+    tensors: list[th.Tensor] = []
     for part in torch_distributions(distribution):
         tensors.extend(value for value in vars(part).values() if isinstance(value, th.Tensor) and value.requires_grad)
     return tensors

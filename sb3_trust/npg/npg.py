@@ -9,6 +9,7 @@ from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicySt
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate
 from sb3_trust.npg.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
+
 class NPG(NaturalGradientAlgorithm):
     """
     Natural Policy Gradient: θ ← θ + sqrt(2δ / sᵀFs) · s with s = F⁻¹g solved by conjugate gradient.
