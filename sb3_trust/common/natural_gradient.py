@@ -2,6 +2,7 @@
 
 import warnings
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -14,6 +15,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.common.conjugate_gradient import conjugate_gradient
+from sb3_trust.common.critic import MLPValueRegression, value_head_layers
 from sb3_trust.common.distributions import torch_distributions
 from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
@@ -347,7 +349,8 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         """
         Fit the critic to the GAE returns: ``n_critic_updates`` epochs of minibatch regression.
 
-        With a feature extractor shared with the actor, its features are computed once and held fixed here.
+        With a feature extractor shared with the actor, its features are computed once and held fixed here, and
+        an MLP value head gets its gradients from :class:`~sb3_trust.common.critic.MLPValueRegression`.
 
         :param samples: the whole rollout
         :return: the mean squared error of the last epoch
@@ -356,18 +359,12 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             return float("nan")
         policy = self.policy
         returns = samples.returns.flatten()
+        regression_step = self._critic_regression_step()
         if policy.share_features_extractor:
             with th.no_grad():
                 inputs: Any = policy.extract_features(samples.observations)
-
-            def predict(batch: Any) -> th.Tensor:
-                return policy.value_net(policy.mlp_extractor.forward_critic(batch))
-
         else:
             inputs = samples.observations
-
-            def predict(batch: Any) -> th.Tensor:
-                return policy.predict_values(batch)
 
         n_samples = len(returns)
         initial_parameters = flat_parameters(self.critic_parameters)
@@ -380,14 +377,12 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             epoch_inputs, epoch_returns = index_observations(inputs, permutation), returns[permutation]
             for start in range(0, n_samples, self.batch_size):
                 batch = slice(start, start + self.batch_size)
-                loss = F.mse_loss(predict(index_observations(epoch_inputs, batch)).flatten(), epoch_returns[batch])
+                loss = regression_step(index_observations(epoch_inputs, batch), epoch_returns[batch])
                 if not bool(th.isfinite(loss)):
                     n_skipped += 1
                     continue
-                policy.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 policy.optimizer.step()
-                epoch_losses.append(loss.detach())
+                epoch_losses.append(loss)
         if not bool(th.isfinite(flat_parameters(self.critic_parameters)).all()):
             # An overflow inside the optimizer: undo this update and restart its moment estimates
             set_flat_parameters(self.critic_parameters, initial_parameters)
@@ -396,6 +391,33 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         if n_skipped > 0:
             warnings.warn(f"{n_skipped} critic minibatches skipped: non-finite value loss", RuntimeWarning, stacklevel=2)
         return th.stack(epoch_losses).mean().item() if epoch_losses else float("nan")
+
+    def _critic_regression_step(self) -> Callable[[Any, th.Tensor], th.Tensor]:
+        """
+        The function that computes one minibatch's value loss and leaves its gradients in the critic's ``.grad``.
+
+        :return: (critic inputs, returns) ↦ detached loss; the inputs are the shared features when the feature
+            extractor is shared, the observations otherwise
+        """
+        policy = self.policy
+        if policy.share_features_extractor:
+            head = value_head_layers(policy)
+            head_parameters = {id(param) for module in head for param in module.parameters()}
+            regression = MLPValueRegression.build(head)
+            if regression is not None and head_parameters == {id(param) for param in self.critic_parameters}:
+                return regression.loss_and_gradients
+
+        def autograd_step(inputs: Any, targets: th.Tensor) -> th.Tensor:
+            if policy.share_features_extractor:
+                values = policy.value_net(policy.mlp_extractor.forward_critic(inputs))
+            else:
+                values = policy.predict_values(inputs)
+            loss = F.mse_loss(values.flatten(), targets)
+            policy.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss.detach()
+
+        return autograd_step
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "actor_parameters", "critic_parameters"]
