@@ -1,3 +1,4 @@
+import copy
 import warnings
 from typing import Any
 
@@ -17,6 +18,7 @@ from stable_baselines3.common.envs import (
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_trust import NPG, TRPO
+from sb3_trust.common.critic import MLPValueRegression
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 
 ALGORITHMS = [NPG, TRPO]
@@ -277,3 +279,26 @@ def test_rollout_values_and_log_probs_match_sb3_forward() -> None:
     assert np.allclose(buffer.values.reshape(-1), values.numpy().reshape(-1), atol=1e-6)
     assert np.allclose(buffer.log_probs.reshape(-1), log_prob.numpy(), atol=1e-5)
     assert np.isfinite(buffer.advantages).all() and np.abs(buffer.advantages).sum() > 0
+
+
+def test_hand_written_critic_regression_matches_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
+    model.learn(128)
+    samples = next(model.rollout_buffer.get(batch_size=None))
+    start_parameters = [p.detach().clone() for p in model.critic_parameters]
+    start_state = copy.deepcopy(model.policy.optimizer.state_dict())
+
+    def critic_after_update() -> list[th.Tensor]:
+        for param, value in zip(model.critic_parameters, start_parameters, strict=True):
+            param.data.copy_(value)
+        model.policy.optimizer.load_state_dict(copy.deepcopy(start_state))
+        th.manual_seed(7)
+        model._update_critic(samples)
+        return [p.detach().clone() for p in model.critic_parameters]
+
+    hand_written = critic_after_update()
+    monkeypatch.setattr(MLPValueRegression, "build", staticmethod(lambda layers: None))
+    autograd = critic_after_update()
+    assert any(not th.equal(a, b) for a, b in zip(hand_written, start_parameters, strict=True))
+    for a, b in zip(hand_written, autograd, strict=True):
+        assert th.allclose(a, b, atol=1e-5)
