@@ -1,16 +1,16 @@
-"""Learning checks: each algorithm solves CartPole-v1 within 100k steps for a fixed seed."""
+"""Learning checks: each algorithm solves CartPole-v1 within 100k steps for a fixed seed (zoo_configs settings)."""
 
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from sb3_trust import NPG, TRPO
+from sb3_trust import NPG, PPOKL, TRPO
 from sb3_trust.train import load_hyperparameters
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", [NPG, TRPO])
+@pytest.mark.parametrize("algo", [NPG, PPOKL, TRPO])
 def test_solves_cartpole_within_100k_steps(algo: type[NPG]) -> None:
     # One thread: the result of a fixed seed must not depend on the machine's core count
     threads = th.get_num_threads()

@@ -8,7 +8,7 @@ pytest.importorskip("rl_zoo3")
 
 from stable_baselines3.common.env_util import make_vec_env
 
-from sb3_trust import NPG, TRPO
+from sb3_trust import NPG, PPOKL, TRPO
 from sb3_trust.train import ALGORITHMS, CONFIG_DIR, RUN_KEYS, load_hyperparameters
 from sb3_trust.zoo import main, register_algorithms
 
@@ -17,11 +17,11 @@ def test_registration_keeps_the_contrib_trpo() -> None:
     from rl_zoo3.utils import ALGOS
 
     register_algorithms()
-    assert ALGOS["trpo"] is TRPO and ALGOS["npg"] is NPG
+    assert ALGOS["trpo"] is TRPO and ALGOS["npg"] is NPG and ALGOS["ppokl"] is PPOKL
     assert ALGOS["trpo_contrib"].__module__.startswith("sb3_contrib")
 
 
-@pytest.mark.parametrize("algo", ["npg", "trpo"])
+@pytest.mark.parametrize("algo", ["npg", "ppokl", "trpo"])
 def test_shipped_configs_build_models(algo: str) -> None:
     for env_id in ("CartPole-v1", "Pendulum-v1", "HalfCheetah-v5"):
         hyperparameters = load_hyperparameters(algo, env_id)

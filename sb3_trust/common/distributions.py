@@ -33,18 +33,37 @@ def torch_distributions(distribution: Distribution) -> list[TorchDistribution]:
     raise TypeError(f"{type(distribution).__name__} does not hold torch distributions (found {type(inner).__name__})")
 
 
-def _detach_torch_distribution(distribution: TorchDistribution) -> TorchDistribution:
+def _map_torch_distribution(distribution: TorchDistribution, transform: Callable[[th.Tensor], th.Tensor]) -> TorchDistribution:
+    # Rebuild from the defining parameters (lazily cached ones such as `probs` would otherwise go stale)
     if isinstance(distribution, Normal):
-        return Normal(distribution.loc.detach(), distribution.scale.detach(), validate_args=False)
+        return Normal(transform(distribution.loc), transform(distribution.scale), validate_args=False)
     if isinstance(distribution, Categorical):
-        return Categorical(logits=distribution.logits.detach(), validate_args=False)
+        return Categorical(logits=transform(distribution.logits), validate_args=False)
     if isinstance(distribution, Bernoulli):
-        return Bernoulli(logits=distribution.logits.detach(), validate_args=False)
-    detached = copy.copy(distribution)
+        return Bernoulli(logits=transform(distribution.logits), validate_args=False)
+    mapped = copy.copy(distribution)
     for name, value in vars(distribution).items():
         if isinstance(value, th.Tensor):
-            setattr(detached, name, value.detach())
-    return detached
+            setattr(mapped, name, transform(value))
+    return mapped
+
+
+def _map_distribution(distribution: Distribution, transform: Callable[[th.Tensor], th.Tensor]) -> Distribution:
+    mapped = copy.copy(distribution)
+    parts = [_map_torch_distribution(part, transform) for part in torch_distributions(distribution)]
+    mapped.distribution = parts if isinstance(distribution.distribution, (list, tuple)) else parts[0]
+    return mapped
+
+
+def select_distribution(distribution: Distribution, indices: th.Tensor | slice) -> Distribution:
+    """
+    The distribution of a subset of the batch (e.g. a minibatch of a frozen rollout distribution).
+
+    :param distribution: a batched SB3 distribution over Normal, Categorical or Bernoulli parts
+    :param indices: the rows to keep
+    :return: a new distribution object over those rows
+    """
+    return _map_distribution(distribution, lambda tensor: tensor[indices])
 
 
 def detach_distribution(distribution: Distribution) -> Distribution:
@@ -57,10 +76,7 @@ def detach_distribution(distribution: Distribution) -> Distribution:
     :param distribution: the distribution to freeze
     :return: a shallow copy whose torch distributions hold detached tensors
     """
-    frozen = copy.copy(distribution)
-    parts = [_detach_torch_distribution(part) for part in torch_distributions(distribution)]
-    frozen.distribution = parts if isinstance(distribution.distribution, (list, tuple)) else parts[0]
-    return frozen
+    return _map_distribution(distribution, th.Tensor.detach)
 
 
 def _sum_event_dims(tensor: th.Tensor) -> th.Tensor:

@@ -47,3 +47,25 @@ def split_actor_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[nn.Pa
     if not actor:
         raise ValueError("The policy's action distribution does not depend on any trainable parameter")
     return actor, critic
+
+
+def evaluate_actions_with_distribution(
+    policy: ActorCriticPolicy, obs: th.Tensor | dict[str, th.Tensor], actions: th.Tensor
+) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, Distribution]:
+    """
+    ``ActorCriticPolicy.evaluate_actions`` that also returns the action distribution (for an analytic KL).
+
+    :param policy: the policy
+    :param obs: observations
+    :param actions: actions taken in those states
+    :return: values, log-probabilities of the actions, entropy (None without a closed form), distribution
+    """
+    features = policy.extract_features(obs)
+    if policy.share_features_extractor:
+        latent_pi, latent_vf = policy.mlp_extractor(features)
+    else:
+        pi_features, vf_features = features
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+    distribution = policy._get_action_dist_from_latent(latent_pi)
+    return policy.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy(), distribution

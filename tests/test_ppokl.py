@@ -1,0 +1,154 @@
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_trust import PPOKL
+from sb3_trust.common.distributions import detach_distribution, mean_kl
+from sb3_trust.ppokl import adapt_kl_coef
+
+SMALL = dict(n_steps=64, batch_size=32, n_epochs=2, policy_kwargs=dict(net_arch=[16]), seed=0)
+RULE = dict(target_kl=0.01, tolerance=1.5, factor=2.0, kl_coef_min=1e-4, kl_coef_max=1e4)
+
+
+@pytest.mark.parametrize(
+    "kl, expected",
+    [
+        (0.016, 2.0),  # above 1.5·d_targ: β doubles
+        (0.015, 1.0),  # on the band's edge: unchanged (the paper's inequalities are strict)
+        (0.010, 1.0),  # inside
+        (0.0067, 1.0),  # inside, just above d_targ / 1.5
+        (0.0066, 0.5),  # below d_targ / 1.5: β halves
+        (0.0, 0.5),
+    ],
+)
+def test_adaptation_rule_matches_the_paper(kl: float, expected: float) -> None:
+    assert adapt_kl_coef(1.0, kl, **RULE) == expected
+
+
+def test_adaptation_rule_is_bounded_and_repeats() -> None:
+    kl_coef = 1.0
+    for _ in range(20):
+        kl_coef = adapt_kl_coef(kl_coef, 1.0, **RULE)
+    assert kl_coef == RULE["kl_coef_max"]
+    for _ in range(40):
+        kl_coef = adapt_kl_coef(kl_coef, 0.0, **RULE)
+    assert kl_coef == RULE["kl_coef_min"]
+
+
+class RolloutKLRecorder:
+    """Freezes π_old at the end of each rollout, to measure the analytic KL of the following update."""
+
+    def __init__(self, model: PPOKL) -> None:
+        self.model, self.records = model, []
+        original_train = model.train
+
+        def train() -> None:
+            samples = next(model.rollout_buffer.get(batch_size=None))
+            with th.no_grad():
+                old = detach_distribution(model.policy.get_distribution(samples.observations))
+            kl_coef = model.kl_coef
+            original_train()
+            with th.no_grad():
+                kl = mean_kl(old, model.policy.get_distribution(samples.observations)).item()
+            self.records.append((kl_coef, kl, model.kl_coef, dict(model.logger.name_to_value)))
+
+        model.train = train  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("target_kl, direction", [(1e-7, 2.0), (10.0, 0.5)])
+def test_kl_coef_adapts_after_each_update_from_the_rollout_kl(target_kl: float, direction: float) -> None:
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), target_kl=target_kl, **SMALL)
+    recorder = RolloutKLRecorder(model)
+    model.learn(3 * 128)
+    assert len(recorder.records) == 3
+    for kl_coef_before, kl, kl_coef_after, logged in recorder.records:
+        assert logged["train/kl_divergence"] == pytest.approx(kl, rel=1e-5)  # the analytic KL on the rollout
+        assert kl_coef_after == pytest.approx(kl_coef_before * direction)
+        assert logged["train/kl_coef"] == kl_coef_after and logged["train/kl_coef_used"] == kl_coef_before
+        for key in ("policy_gradient_loss", "kl_penalty", "value_loss", "entropy_loss", "approx_kl", "explained_variance"):
+            assert f"train/{key}" in logged
+
+
+def test_kl_coef_survives_save_and_load(tmp_path: Any) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = PPOKL("MlpPolicy", env, target_kl=1e-7, **SMALL)
+    model.learn(256)
+    assert model.kl_coef == 4.0
+    model.save(tmp_path / "model")
+    loaded = PPOKL.load(tmp_path / "model", env=env)
+    assert loaded.kl_coef == 4.0
+    recorder = RolloutKLRecorder(loaded)
+    loaded.learn(128, reset_num_timesteps=False)
+    assert recorder.records[0][0] == 4.0 and loaded.kl_coef == 8.0
+    obs = np.stack([env.observation_space.sample() for _ in range(8)])
+    assert np.array_equal(
+        PPOKL.load(tmp_path / "model").predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )
+
+
+@pytest.mark.parametrize("clip_range, matches", [(None, True), (0.01, False)])
+def test_zero_penalty_without_clipping_is_the_importance_sampling_gradient(clip_range: Any, matches: bool) -> None:
+    settings = {**SMALL, "normalize_advantage": False, "vf_coef": 0.0, "ent_coef": 0.0, "clip_range": clip_range}
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **settings)
+    model.learn(128)  # fills the buffer and moves the policy away from the one that collected it
+    model.kl_coef = 0.0
+    samples = next(model.rollout_buffer.get(batch_size=None))
+    with th.no_grad():
+        old_distribution = detach_distribution(model.policy.get_distribution(samples.observations))
+        # Move the policy so the ratios are not all 1 (the clip then matters)
+        for param in model.policy.parameters():
+            param.add_(0.05 * th.randn_like(param))
+    indices = th.arange(len(samples.actions))
+    clip = None if model.clip_range is None else model.clip_range(1.0)
+    loss, _ = model._minibatch_loss(samples, samples.actions, old_distribution, indices, clip, None)
+    params = [p for p in model.policy.parameters() if p.requires_grad]
+    ours = th.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+    log_prob = model.policy.get_distribution(samples.observations).log_prob(samples.actions)
+    plain = -(th.exp(log_prob - samples.old_log_prob) * samples.advantages).mean()
+    expected = th.autograd.grad(plain, params, allow_unused=True, materialize_grads=True)
+    close = all(th.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(ours, expected, strict=True))
+    assert close == matches
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_every_action_space_and_gsde(env_id: str) -> None:
+    from tests.test_algorithms import action_space_envs
+
+    for make_env in action_space_envs().values():
+        PPOKL("MlpPolicy", DummyVecEnv([make_env] * 2), **SMALL).learn(128)
+    model = PPOKL("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=0), use_sde=env_id == "Pendulum-v1", **SMALL)
+    model.learn(128)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_dict_observations_and_clipping_options() -> None:
+    env = DummyVecEnv([lambda: SimpleMultiObsEnv(random_start=False)])
+    model = PPOKL("MultiInputPolicy", env, clip_range=0.2, clip_range_vf=0.5, **SMALL)
+    model.learn(128)
+    assert model.logger.name_to_value["train/clip_range"] == 0.2
+    assert "train/clip_fraction" in model.logger.name_to_value
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_kl=0.0), "target_kl"),
+        (dict(kl_coef=0.0), "kl_coef"),
+        (dict(kl_coef=-1.0), "kl_coef"),
+        (dict(kl_tolerance=1.0), "kl_tolerance"),
+        (dict(kl_coef_factor=0.5), "kl_coef_factor"),
+        (dict(kl_coef_min=2.0, kl_coef_max=1.0), "kl_coef_min"),
+        (dict(kl_coef=1e5), "kl_coef"),
+        (dict(n_steps=64, batch_size=48), "batch_size"),
+        (dict(clip_range=-0.1), "clip_range"),
+    ],
+)
+def test_bad_parameters_fail_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PPOKL("MlpPolicy", "CartPole-v1", **kwargs)
