@@ -6,11 +6,14 @@ Usage::
     python -m sb3_trust.benchmark --algo trpo --env HalfCheetah-v5 --mode speed
     python -m sb3_trust.benchmark --algo trpo --env HalfCheetah-v5 Hopper-v5 --mode returns --seeds 0 1 2 --jobs 2
     python -m sb3_trust.benchmark --env CartPole-v1 --mode all --seeds 0 --timesteps 4096 --speed-updates 2 --jobs 1
+    python -m sb3_trust.benchmark --algo ppokl --env CartPole-v1 Pendulum-v1 --mode returns --seeds 0 1 2
 
 Each ``--algo`` names an entry of ``PAIRS``: our class, the peer's class (both as dotted paths, imported only
 when used) and the RL Zoo file of ``zoo_configs/`` that holds the hyperparameters. Both algorithms get the
 same hyperparameters (``--hyperparams key=value ...`` overrides them for both) and identically seeded
 environments (``make_vec_env``, plus ``VecNormalize`` with the algorithm's gamma when the config normalizes).
+The exceptions are a pair's ``ours_only`` keys, arguments that only our class understands or that mean something
+else to the peer: they are given to ours alone, and the report lists them.
 
 Modes:
 
@@ -70,6 +73,15 @@ _KL_NOTE = (
     "while sb3-contrib's TRPO averages the KL over the action dimensions: with a d-dimensional Box action space "
     "the peer's trust region is about d times wider (use `--peer-hyperparams target_kl=...` to match them)."
 )
+# PPOKL's adaptive-penalty arguments: SB3's PPO has no penalty, and its `target_kl` would stop the epochs early
+_PPOKL_ONLY = ("target_kl", "kl_coef", "kl_tolerance", "kl_coef_factor", "kl_coef_min", "kl_coef_max")
+_PPOKL_NOTE = (
+    "this pair compares the adaptive KL penalty with PPO's clipped objective. The penalty's keys "
+    f"({', '.join(f'`{key}`' for key in _PPOKL_ONLY)}) go to sb3_trust's PPOKL only: SB3's PPO has no penalty, and "
+    "its `target_kl` means early stopping of the epochs, not the KL the penalty steers towards. The peer keeps "
+    "SB3 PPO's default `clip_range=0.2` (the clipped objective) while ours has no clipping (`clip_range=None`, "
+    "the pure penalty method); otherwise identical settings."
+)
 
 
 class Pair(NamedTuple):
@@ -80,17 +92,21 @@ class Pair(NamedTuple):
     :param peer: dotted path of the peer's algorithm class
     :param config: RL Zoo YAML file in ``zoo_configs/`` with the hyperparameters of both
     :param note: caveat printed with every report of this pair
+    :param ours_only: algorithm keyword arguments given to our class only (the peer lacks them, or reads them
+        differently): removed from the peer's keyword arguments and listed in the report
     """
 
     ours: str
     peer: str
     config: str
     note: str = ""
+    ours_only: tuple[str, ...] = ()
 
 
 PAIRS: dict[str, Pair] = {
     "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE),
     "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE),
+    "ppokl": Pair("sb3_trust.PPOKL", "stable_baselines3.PPO", "ppokl.yml", _PPOKL_NOTE, _PPOKL_ONLY),
 }
 SIDES = ("ours", "peer")
 MODES = ("speed", "returns", "all")
@@ -115,8 +131,10 @@ class Setting:
     :param normalize: ``VecNormalize`` keyword arguments, or None without normalization
     :param timesteps: training steps of a learning run
     :param kwargs: algorithm keyword arguments of our side
-    :param peer_kwargs: algorithm keyword arguments of the peer (``kwargs`` unless ``--peer-hyperparams``)
+    :param peer_kwargs: algorithm keyword arguments of the peer (``kwargs`` without the pair's ``ours_only`` keys,
+        unless ``--peer-hyperparams``)
     :param from_config: whether the config file has an entry for ``env_id``
+    :param ours_only: the entries of ``kwargs`` that were kept from the peer (the pair's ``ours_only`` keys)
     """
 
     env_id: str
@@ -127,6 +145,12 @@ class Setting:
     kwargs: dict[str, Any]
     peer_kwargs: dict[str, Any]
     from_config: bool
+    ours_only: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shared_kwargs(self) -> dict[str, Any]:
+        """The algorithm keyword arguments of our side that the peer gets too (all but ``ours_only``)."""
+        return {key: value for key, value in self.kwargs.items() if key not in self.ours_only}
 
     def side_kwargs(self, side: str) -> dict[str, Any]:
         """
@@ -294,8 +318,9 @@ def make_setting(
 
     :param pair: the comparison
     :param env_id: Gymnasium environment id
-    :param overrides: ``--hyperparams`` (both sides, run keys included)
-    :param peer_overrides: ``--peer-hyperparams`` (the peer's algorithm keyword arguments only)
+    :param overrides: ``--hyperparams`` (both sides, run keys included; the pair's ``ours_only`` keys go to ours only)
+    :param peer_overrides: ``--peer-hyperparams`` (the peer's algorithm keyword arguments only, applied after the
+        ``ours_only`` keys are removed: they can set one of those for the peer)
     :param timesteps: ``--timesteps``, or None for the config's ``n_timesteps``
     :return: the setting
     """
@@ -309,6 +334,8 @@ def make_setting(
     misplaced = sorted(set(peer_overrides) & set(RUN_KEYS))
     if misplaced:
         raise ValueError(f"--peer-hyperparams cannot change the shared run keys {misplaced}")
+    ours_only = {key: value for key, value in hyperparameters.items() if key in pair.ours_only}
+    shared = {key: value for key, value in hyperparameters.items() if key not in ours_only}
     return Setting(
         env_id=env_id,
         n_envs=int(run.get("n_envs", 1)),
@@ -316,8 +343,9 @@ def make_setting(
         normalize=_normalize_kwargs(run.get("normalize", False)),
         timesteps=int(timesteps or float(run.get("n_timesteps", DEFAULT_TIMESTEPS))),
         kwargs=hyperparameters,
-        peer_kwargs={**hyperparameters, **peer_overrides},
+        peer_kwargs={**shared, **peer_overrides},
         from_config=from_config,
+        ours_only=ours_only,
     )
 
 
@@ -823,9 +851,11 @@ def _header(pair: Pair, args: argparse.Namespace, argv: list[str], setting: Sett
         machine_info(args.threads),
         "",
         f"Setting (both): n_envs={setting.n_envs}, policy={setting.policy}, normalize={setting.normalize}, "
-        f"device={args.device}, hyperparameters `{setting.kwargs!r}`",
+        f"device={args.device}, hyperparameters `{setting.shared_kwargs!r}`",
     ]
-    if setting.peer_kwargs != setting.kwargs:
+    if setting.ours_only:
+        lines += ["", f"Ours only (not passed to the peer): `{setting.ours_only!r}`"]
+    if setting.peer_kwargs != setting.shared_kwargs:
         lines += ["", f"**Peer hyperparameters differ**: `{setting.peer_kwargs!r}`"]
     if not setting.from_config:
         lines += ["", f"No entry for {setting.env_id} in zoo_configs/{pair.config}: algorithm defaults."]
