@@ -57,15 +57,3 @@ autodoc_default_options = {"show-inheritance": True}
 html_theme = "sphinx_rtd_theme"
 html_title = f"SB3 Trust {__version__}"
 htmlhelp_basename = "SB3Trustdoc"
-
-
-# -- Docstring fix-ups -------------------------------------------------------
-
-# Docstrings write conditional distributions as π(·|s); in reST a "|" after "·" opens a substitution reference
-# (|name|), which warns and so fails the -W build. Escape those bars before autodoc parses the docstrings.
-def _escape_conditional_bars(app, what, name, obj, options, lines):
-    lines[:] = [line.replace("·|", "·\\|") for line in lines]
-
-
-def setup(app):
-    app.connect("autodoc-process-docstring", _escape_conditional_bars)

@@ -35,7 +35,10 @@ def load_hyperparameters(algo: str, env_id: str, config_dir: Path = CONFIG_DIR) 
     path = config_dir / f"{algo}.yml"
     if not path.exists():
         return {}
-    import yaml  # the zoo extra's dependency; only needed when a config file exists
+    try:
+        import yaml
+    except ImportError as error:  # PyYAML comes with the `zoo` extra
+        raise ImportError(f"Reading {path} needs PyYAML: pip install pyyaml (or the package's `zoo` extra)") from error
 
     with open(path) as file:
         configs = yaml.safe_load(file) or {}

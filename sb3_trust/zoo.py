@@ -7,7 +7,7 @@ table before its script starts; this wrapper does that and then hands over to rl
     python -m sb3_trust.zoo train --algo trpo --env HalfCheetah-v5
     python -m sb3_trust.zoo enjoy --algo trpo --env HalfCheetah-v5 -f logs/
 
-``--algo trpo`` and ``--algo npg`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
+``--algo npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
 Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``.
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """
@@ -30,6 +30,21 @@ def register_algorithms() -> None:
     ALGOS.update(ALGORITHMS)
 
 
+def _option_value(arguments: list[str], *names: str) -> str | None:
+    """
+    :param arguments: command-line arguments
+    :param names: spellings of one option
+    :return: its value, given as ``--name value`` or ``--name=value``, or None when absent
+    """
+    for index, argument in enumerate(arguments):
+        for name in names:
+            if argument == name and index + 1 < len(arguments):
+                return arguments[index + 1]
+            if argument.startswith(f"{name}="):
+                return argument.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     :param argv: ``[command, *rl-zoo3 arguments]`` with command ``train`` or ``enjoy`` (default: ``sys.argv[1:]``)
@@ -39,9 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: python -m sb3_trust.zoo {{{','.join(COMMANDS)}}} [rl-zoo3 arguments]\n\n{__doc__}")
     command, arguments = argv[0], argv[1:]
     register_algorithms()
-    if command == "train" and not {"--conf-file", "-conf"} & set(arguments):
-        algo = arguments[arguments.index("--algo") + 1] if "--algo" in arguments else "ppo"
-        config = CONFIG_DIR / f"{algo}.yml"
+    if command == "train" and _option_value(arguments, "--conf-file", "-conf") is None:
+        config = CONFIG_DIR / f"{_option_value(arguments, '--algo') or 'ppo'}.yml"
         if config.exists():
             arguments += ["--conf-file", str(config)]
     sys.argv = [f"rl_zoo3.{command}", *arguments]

@@ -38,3 +38,12 @@ def test_train_and_enjoy_through_rl_zoo(tmp_path: Path) -> None:
     assert saved.exists()
     assert NPG.load(saved).n_steps == load_hyperparameters("npg", "CartPole-v1")["n_steps"]
     main(["enjoy", "--algo", "npg", "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "50", "--no-render"])
+
+
+def test_option_values_in_both_spellings() -> None:
+    from sb3_trust.zoo import _option_value
+
+    assert _option_value(["--algo", "npg", "--env", "x"], "--algo") == "npg"
+    assert _option_value(["--algo=ppokl"], "--algo") == "ppokl"
+    assert _option_value(["-conf", "a.yml"], "--conf-file", "-conf") == "a.yml"
+    assert _option_value(["--env", "x"], "--algo") is None

@@ -40,7 +40,7 @@ class SurrogateEvaluation:
 class ImportanceSampledSurrogate:
     """
     The single-path surrogate of TRPO (seed 004, Eq. 31; seed 002 "Surrogate Loss"):
-    L(θ) = mean_t[ π_θ(a_t|s_t) / π_old(a_t|s_t) · Â_t ], with the states and actions of one rollout.
+    ``L(θ) = mean_t[π_θ(a_t|s_t) / π_old(a_t|s_t) · Â_t]``, with the states and actions of one rollout.
 
     The old policy is frozen when the surrogate is built, so ``evaluate`` can be called after the parameters move
     (line search) and always compares against the same π_old.

@@ -50,8 +50,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
     """
     Proximal Policy Optimization with an adaptive KL penalty (the paper's second variant).
 
-    Each minibatch minimises -mean(r_t(θ) Â_t) + β·mean KL(π_old(·|s_t) ‖ π_θ(·|s_t)) plus the value and entropy
-    terms, r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t). After all epochs of a rollout, the mean KL d over the whole
+    Each minibatch minimises ``-mean(r_t(θ) Â_t) + β·mean KL(π_old(·|s_t) ‖ π_θ(·|s_t))`` plus the value and entropy
+    terms, with ``r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t)``. After all epochs of a rollout, the mean KL d over the whole
     rollout moves β: doubled when d > 1.5·d_targ, halved when d < d_targ/1.5 (``kl_tolerance``,
     ``kl_coef_factor``). The KL is the distributions' analytic one; a distribution without a closed form falls
     back to the sample estimate mean((r - 1) - log r). ``clip_range`` is off by default (the pure penalty
