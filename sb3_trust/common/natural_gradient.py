@@ -3,14 +3,14 @@
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutBufferSamples, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
@@ -21,8 +21,6 @@ from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_par
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import split_actor_critic_parameters
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
-
-SelfNaturalGradientAlgorithm = TypeVar("SelfNaturalGradientAlgorithm", bound="NaturalGradientAlgorithm")
 
 SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
@@ -168,36 +166,9 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
 
-        if self.env is not None:
-            buffer_size = self.env.num_envs * self.n_steps
-            if buffer_size % batch_size != 0:
-                raise ValueError(
-                    f"`batch_size` ({batch_size}) must divide the rollout size n_steps * n_envs "
-                    f"= {self.n_steps} * {self.env.num_envs} = {buffer_size}"
-                )
+        self._check_batch_size()
         if _init_setup_model:
             self._setup_model()
-
-    def learn(
-        self: SelfNaturalGradientAlgorithm,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfNaturalGradientAlgorithm:
-        """
-        Train the policy; the arguments are SB3's ``learn()``'s, and ``tb_log_name`` defaults to the class name.
-        """
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name or type(self).__name__,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
 
     def _setup_model(self) -> None:
         super()._setup_model()

@@ -1,5 +1,7 @@
 """On-policy base shared by the sb3_trust algorithms: SB3's rollout loop with one forward pass per step."""
 
+from typing import TypeVar
+
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -8,9 +10,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BaseModel
-from stable_baselines3.common.type_aliases import TensorDict
+from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+
+SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustOnPolicyAlgorithm")
 
 # Rollout states are re-evaluated in chunks of this many samples (bounds memory for image observations)
 EVALUATION_CHUNK_SIZE = 2048
@@ -26,6 +30,39 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     ends. The buffer contents and the callbacks' calls are the same as SB3's; each step runs only the actor,
     and draws its action without SB3's distribution objects where the law allows (``_sample_actions``).
     """
+
+    batch_size: int
+
+    def learn(
+        self: SelfTrustOnPolicyAlgorithm,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfTrustOnPolicyAlgorithm:
+        """
+        Train the model; the arguments are SB3's ``learn()``'s, and ``tb_log_name`` defaults to the class name.
+        """
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name or type(self).__name__,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _check_batch_size(self) -> None:
+        """
+        :raises ValueError: when ``batch_size`` does not divide the rollout (n_steps * n_envs)
+        """
+        if self.env is not None and (self.env.num_envs * self.n_steps) % self.batch_size != 0:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must divide the rollout size n_steps * n_envs "
+                f"= {self.n_steps} * {self.env.num_envs} = {self.env.num_envs * self.n_steps}"
+            )
 
     def collect_rollouts(
         self,

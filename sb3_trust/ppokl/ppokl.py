@@ -1,7 +1,7 @@
 """PPO with an adaptive KL penalty (Schulman et al., 2017, Sec. 4)."""
 
 import warnings
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
@@ -9,7 +9,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutBufferSamples, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import explained_variance, get_schedule_fn
 from torch.nn import functional as F
 
@@ -19,8 +19,6 @@ from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import evaluate_actions_with_distribution
 from sb3_trust.common.surrogate import index_observations
 from sb3_trust.ppokl.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
-
-SelfPPOKL = TypeVar("SelfPPOKL", bound="PPOKL")
 
 
 def adapt_kl_coef(
@@ -178,12 +176,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
             _init_setup_model=False,
             supported_action_spaces=SUPPORTED_ACTION_SPACES,
         )
-        if self.env is not None and (self.env.num_envs * self.n_steps) % batch_size != 0:
-            raise ValueError(
-                f"`batch_size` ({batch_size}) must divide the rollout size n_steps * n_envs "
-                f"= {self.n_steps} * {self.env.num_envs} = {self.env.num_envs * self.n_steps}"
-            )
         self.batch_size = batch_size
+        self._check_batch_size()
         self.n_epochs = n_epochs
         self.clip_range = clip_range
         self.clip_range_vf = clip_range_vf
@@ -352,24 +346,6 @@ class PPOKL(TrustOnPolicyAlgorithm):
             return mean_kl(old, new)
         except (NotImplementedError, TypeError):
             return th.mean(th.exp(log_ratio) - 1 - log_ratio)
-
-    def learn(
-        self: SelfPPOKL,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "PPOKL",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfPPOKL:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
 
 
 def _mean(values: list[float]) -> float:
