@@ -10,7 +10,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
-from stable_baselines3.common.utils import explained_variance, get_schedule_fn
+from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.common.distributions import detach_distribution, mean_kl, select_distribution
@@ -194,8 +194,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
     def _setup_model(self) -> None:
         super()._setup_model()
         # β is set in the constructor, never here: load() calls _setup_model() after restoring the saved β
-        self.clip_range = None if self.clip_range is None else get_schedule_fn(self.clip_range)
-        self.clip_range_vf = None if self.clip_range_vf is None else get_schedule_fn(self.clip_range_vf)
+        self.clip_range = None if self.clip_range is None else FloatSchedule(self.clip_range)
+        self.clip_range_vf = None if self.clip_range_vf is None else FloatSchedule(self.clip_range_vf)
 
     def train(self) -> None:
         """
