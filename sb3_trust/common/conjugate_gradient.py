@@ -1,4 +1,4 @@
-"""Conjugate gradient for the natural-gradient system F s = g (seed 004 §1.5.1)."""
+"""Conjugate gradient for the natural-gradient system F s = g (Schulman et al., 2015, App. C)."""
 
 from collections.abc import Callable
 from typing import NamedTuple

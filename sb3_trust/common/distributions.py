@@ -105,7 +105,7 @@ def kl_divergence(old: Distribution, new: Distribution) -> th.Tensor:
 
 def mean_kl(old: Distribution, new: Distribution) -> th.Tensor:
     """
-    The mean over the batch of KL(old ‖ new): the trust-region constraint of TRPO (seed 004, Eq. 27).
+    The mean over the batch of KL(old ‖ new): the trust-region constraint of TRPO (Schulman et al., 2015, Eq. 12).
 
     :param old: the reference distribution (usually detached)
     :param new: the distribution being optimised
@@ -142,7 +142,7 @@ _METRICS: dict[type[TorchDistribution], Callable[..., tuple[list[th.Tensor], Fis
 
 def fisher_parameters(distribution: Distribution) -> tuple[list[th.Tensor], FisherMetric] | None:
     """
-    The parameters μ of a distribution and its Fisher matrix M in those parameters (seed 004 §1.5.2).
+    The parameters μ of a distribution and its Fisher matrix M in those parameters (Schulman et al., 2015, App. C.1).
 
     The Fisher matrix of the policy is then F = Jᵀ M J with J = ∂μ/∂θ. ``M`` is the Hessian of KL(old ‖ new) in
     the new distribution's parameters at new = old; it is evaluated at the current (old) parameters and treated

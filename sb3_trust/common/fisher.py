@@ -28,7 +28,7 @@ class FisherVectorProduct:
 
     F is the Hessian of the mean KL(π_old ‖ π_θ) at θ = θ_old. For the distributions with an analytic metric
     (diagonal Gaussian, gSDE, categorical, multi-categorical, Bernoulli) it is computed exactly as
-    F = (1/N) Σ_n J_nᵀ M_n J_n (seed 004 §1.5.2, Eq. 36): J v comes from the "double-vjp" trick (differentiate
+    F = (1/N) Σ_n J_nᵀ M_n J_n (Schulman et al., 2015, App. C.1): J v comes from the "double-vjp" trick (differentiate
     u ↦ Jᵀ u, which is linear in u, to get J v), M is applied in closed form, and Jᵀ(M J v) is one more
     vector-Jacobian product. For any other distribution it falls back to double back-propagation of the mean KL.
 

@@ -1,4 +1,4 @@
-"""Backtracking line search on the true surrogate and the true KL (seed 004 §1.5.2)."""
+"""Backtracking line search on the true surrogate and the true KL (Schulman et al., 2015, App. C)."""
 
 from collections.abc import Callable
 from typing import NamedTuple

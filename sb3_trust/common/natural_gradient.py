@@ -249,7 +249,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     def _natural_gradient_direction(self, gradient: th.Tensor, fisher: FisherVectorProduct) -> tuple[th.Tensor | None, float]:
         """
-        Solve (F + λI) s = g by conjugate gradient (seed 002, "Solving KL Constrained Problem").
+        Solve (F + λI) s = g by conjugate gradient (Schulman et al., 2015, App. C).
 
         The step is sized with the damped sᵀ(F + λI)s, as the peers do: the damping makes the quadratic model
         of the KL slightly pessimistic, which keeps the closed-form step on the safe side of δ.
@@ -277,7 +277,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     def _max_step_size(self, quadratic_form: float) -> float:
         """
         The largest α with ½ α² sᵀ(F + λI)s = δ: the step that reaches the trust region's edge under the quadratic
-        model of the KL (seed 002: α = sqrt(2δ / sᵀFs)).
+        model of the KL (Schulman et al., 2015, App. C: α = sqrt(2δ / sᵀFs)).
 
         :param quadratic_form: sᵀ(F + λI)s
         :return: α

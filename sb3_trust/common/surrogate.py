@@ -39,7 +39,7 @@ class SurrogateEvaluation:
 
 class ImportanceSampledSurrogate:
     """
-    The single-path surrogate of TRPO (seed 004, Eq. 31; seed 002 "Surrogate Loss"):
+    The single-path surrogate of TRPO (Schulman et al., 2015, Eq. 14):
     ``L(θ) = mean_t[π_θ(a_t|s_t) / π_old(a_t|s_t) · Â_t]``, with the states and actions of one rollout.
 
     The old policy is frozen when the surrogate is built, so ``evaluate`` can be called after the parameters move
