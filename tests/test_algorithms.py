@@ -17,7 +17,7 @@ from stable_baselines3.common.envs import (
 )
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-from sb3_trust import NPG, TRPO
+from sb3_trust import NPG, PPOKL, TRPO
 from sb3_trust.common.critic import MLPValueRegression
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 
@@ -302,3 +302,24 @@ def test_hand_written_critic_regression_matches_autograd(monkeypatch: pytest.Mon
     assert any(not th.equal(a, b) for a, b in zip(hand_written, start_parameters, strict=True))
     for a, b in zip(hand_written, autograd, strict=True):
         assert th.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", [NPG, TRPO, PPOKL])
+def test_progress_bar_and_callbacks(algo: type[NPG]) -> None:
+    class CountingCallback(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps = self.rollouts = 0
+
+        def _on_step(self) -> bool:
+            self.steps += 1
+            return self.num_timesteps < 96  # stops the second rollout early
+
+        def _on_rollout_end(self) -> None:
+            self.rollouts += 1
+
+    callback = CountingCallback()
+    small = {key: value for key, value in SMALL.items() if key != "n_critic_updates"}
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), **small)
+    model.learn(1000, callback=callback, progress_bar=True)
+    assert callback.rollouts == 1 and callback.steps == 96 and model.num_timesteps == 96
