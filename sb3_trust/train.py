@@ -17,7 +17,12 @@ from stable_baselines3.common.vec_env import VecNormalize
 import sb3_trust
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
 
-ALGORITHMS: dict[str, type[TrustOnPolicyAlgorithm]] = {"npg": sb3_trust.NPG, "ppokl": sb3_trust.PPOKL, "trpo": sb3_trust.TRPO}
+ALGORITHMS: dict[str, type[TrustOnPolicyAlgorithm]] = {
+    "acktr": sb3_trust.ACKTR,
+    "npg": sb3_trust.NPG,
+    "ppokl": sb3_trust.PPOKL,
+    "trpo": sb3_trust.TRPO,
+}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "zoo_configs"
 # Keys of the zoo's YAML files that describe the environment or the run rather than the algorithm
 RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "env_wrapper", "frame_stack", "callback")
