@@ -1,0 +1,229 @@
+"""ACKTR: actor-critic with a Kronecker-factored trust region (Wu et al., 2017)."""
+
+from typing import Any, ClassVar
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch.nn import functional as F
+
+from sb3_trust.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_trust.common.kfac import KFAC
+from sb3_trust.common.natural_gradient import SUPPORTED_ACTION_SPACES, check_positive
+from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
+from sb3_trust.common.policies import evaluate_actions_with_distribution
+
+
+class ACKTR(TrustOnPolicyAlgorithm):
+    """
+    Actor Critic using Kronecker-Factored Trust Region: A2C's loss minimised with K-FAC instead of RMSprop.
+
+    Each rollout gives one update of ``policy_loss + vf_coef·value_loss + ent_coef·entropy_loss`` (A2C's loss) by
+    ``sb3_trust.common.kfac.KFAC``: a natural-gradient step preconditioned by a Kronecker-factored Fisher of the
+    joint model (policy and a unit-noise Gaussian value head), scaled so its quadratic KL stays below
+    ``kfac_kl_clip``. The Fisher statistics come from a second backward pass of the *sampled* Fisher loss
+    ``-mean log π(â|s) + vf_fisher_coef·mean((v(s) - ŷ)²)`` with â ~ π(·|s) and ŷ = stopgrad(v(s) + N(0, 1)).
+
+    Paper: https://arxiv.org/abs/1708.05144
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: K-FAC's learning rate (the step length before the trust-region scale); it can be a
+        function of the current progress remaining (from 1 to 0). Paper/baselines: 0.25
+    :param n_steps: The number of steps to run for each environment per update
+        (i.e. rollout buffer size is n_steps * n_envs where n_envs is number of environment copies running in parallel)
+    :param gamma: Discount factor
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator;
+        1.0 (default) gives the n-step returns of A2C and the paper
+    :param ent_coef: Entropy coefficient for the loss calculation
+    :param vf_coef: Value function coefficient for the loss calculation (stable-baselines 2's 0.25; baselines: 0.5)
+    :param vf_fisher_coef: Weight of the value head's term in the Fisher loss
+    :param max_grad_norm: The maximum value for the gradient clipping (applied by K-FAC before preconditioning)
+    :param normalize_advantage: Whether to normalize or not the advantage (off by default, as A2C)
+    :param kfac_kl_clip: Trust region radius: bound on the quadratic KL ½·lr²·η²·ΔᵀF̂Δ of each step
+    :param kfac_damping: λ, Tikhonov damping of the Fisher blocks (split between the two factors by π)
+    :param kfac_stat_decay: Decay of the running averages of the Kronecker factors, in (0, 1)
+    :param kfac_inverse_update_freq: The factors are eigendecomposed every this many updates
+    :param kfac_cold_iters: Number of first updates done with plain SGD (lr/3) while the statistics warm up.
+        Default 0: the running averages are debiased (the first ones are plain means of the updates so far), so
+        K-FAC's curvature is usable from the first update; baselines uses 10 with zero-initialised statistics.
+    :param kfac_momentum: Momentum of the scaled K-FAC step (baselines: 0.9)
+    :param kfac_weight_decay: L2 coefficient added to the gradient before preconditioning
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+        instead of action noise exploration (default: False)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        Default: -1 (only sample at the beginning of the rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation.
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation (the policy's own optimizer is
+        replaced by K-FAC)
+    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: ActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 0.25,
+        n_steps: int = 20,
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.25,
+        vf_fisher_coef: float = 1.0,
+        max_grad_norm: float = 0.5,
+        normalize_advantage: bool = False,
+        kfac_kl_clip: float = 0.001,
+        kfac_damping: float = 0.01,
+        kfac_stat_decay: float = 0.99,
+        kfac_inverse_update_freq: int = 10,
+        kfac_cold_iters: int = 0,
+        kfac_momentum: float = 0.9,
+        kfac_weight_decay: float = 0.0,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        check_positive(n_steps=n_steps, kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping, max_grad_norm=max_grad_norm)
+        if not callable(learning_rate):
+            check_positive(learning_rate=learning_rate)
+        if not 0 < kfac_stat_decay < 1:
+            raise ValueError(f"`kfac_stat_decay` must lie in (0, 1), got {kfac_stat_decay}")
+        if kfac_inverse_update_freq < 1:
+            raise ValueError(f"`kfac_inverse_update_freq` must be >= 1, got {kfac_inverse_update_freq}")
+        if not 0 <= kfac_momentum < 1:
+            raise ValueError(f"`kfac_momentum` must lie in [0, 1), got {kfac_momentum}")
+        if kfac_cold_iters < 0 or kfac_weight_decay < 0 or vf_fisher_coef < 0:
+            raise ValueError("`kfac_cold_iters`, `kfac_weight_decay` and `vf_fisher_coef` must be >= 0")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=SUPPORTED_ACTION_SPACES,
+        )
+        self.vf_fisher_coef = vf_fisher_coef
+        self.normalize_advantage = normalize_advantage
+        self.kfac_kl_clip = kfac_kl_clip
+        self.kfac_damping = kfac_damping
+        self.kfac_stat_decay = kfac_stat_decay
+        self.kfac_inverse_update_freq = kfac_inverse_update_freq
+        self.kfac_cold_iters = kfac_cold_iters
+        self.kfac_momentum = kfac_momentum
+        self.kfac_weight_decay = kfac_weight_decay
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        # K-FAC replaces the policy's optimizer, so SB3 saves its statistics (policy.optimizer.pth) and restores them
+        self.policy.optimizer = KFAC(
+            self.policy,
+            lr=self.lr_schedule(1),
+            momentum=self.kfac_momentum,
+            damping=self.kfac_damping,
+            kl_clip=self.kfac_kl_clip,
+            stat_decay=self.kfac_stat_decay,
+            inverse_update_freq=self.kfac_inverse_update_freq,
+            cold_iters=self.kfac_cold_iters,
+            weight_decay=self.kfac_weight_decay,
+            max_grad_norm=self.max_grad_norm,
+        )
+
+    def train(self) -> None:
+        """
+        One K-FAC update of A2C's loss on the whole rollout.
+        """
+        self.policy.set_training_mode(True)
+        optimizer = self.policy.optimizer
+        assert isinstance(optimizer, KFAC)
+        self._update_learning_rate(optimizer)
+
+        samples = next(self.rollout_buffer.get(batch_size=None))
+        actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
+        with optimizer.capture():
+            values, log_prob, entropy, distribution = evaluate_actions_with_distribution(
+                self.policy, samples.observations, actions
+            )
+        values = values.flatten()
+        advantages = samples.advantages
+        if self.normalize_advantage and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        # A2C's loss: -mean(log π(a|s) Â) + vf_coef·mean((R - v)²) - ent_coef·mean(entropy)
+        policy_loss = -(advantages * log_prob).mean()
+        value_loss = F.mse_loss(samples.returns, values)
+        entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
+        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+
+        # Sampled Fisher of the joint model π(a|s)·N(y; v(s), ½): the negative log-likelihood of targets drawn from
+        # the model itself. Both terms are *negative* log-likelihoods (baselines and its PyTorch port add
+        # -mean log π and -mean (v - ŷ)², opposite signs, ikostrikov/pytorch-a2c-ppo-acktr-gail#279): each term's
+        # own factors do not see a sign, but a shared trunk sums the per-sample output gradients of both heads,
+        # and only consistent signs make that the score of one likelihood.
+        with th.no_grad():
+            sampled_actions = distribution.sample()
+            value_targets = values + th.randn_like(values)
+        fisher_loss = -distribution.log_prob(sampled_actions.detach()).mean()
+        fisher_loss = fisher_loss + self.vf_fisher_coef * th.mean((values - value_targets) ** 2)
+
+        optimizer.zero_grad()
+        optimizer.update_statistics(fisher_loss, batch_size=len(values))
+        loss.backward()
+        optimizer.step()
+        self._n_updates += 1
+
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record(
+            "train/explained_variance",
+            explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()),
+        )
+        self.logger.record("train/entropy_loss", entropy_loss.item())
+        self.logger.record("train/policy_loss", policy_loss.item())
+        self.logger.record("train/value_loss", value_loss.item())
+        self.logger.record("train/kfac_step_scale", optimizer.step_scale)
+        self.logger.record("train/kl_estimate", optimizer.kl_estimate)
+        self.logger.record("train/kfac_damping", optimizer.param_groups[0]["damping"])
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())

@@ -1,0 +1,277 @@
+"""K-FAC: the Kronecker factors against exact Fisher blocks, the preconditioned step, the trust region, failures."""
+
+import math
+
+import pytest
+import torch as th
+from torch import nn
+
+from sb3_trust.common.kfac import KFAC
+
+
+def _categorical_fisher_pass(
+    optimizer: KFAC, model: nn.Module, inputs: th.Tensor, generator: th.Generator
+) -> tuple[th.Tensor, th.Tensor]:
+    """
+    One sampled-Fisher statistics update for a categorical output.
+
+    :return: the sampled actions and the per-sample score gradients with respect to the logits (softmax - onehot)
+    """
+    with optimizer.capture():
+        logits = model(inputs)
+    probs = th.softmax(logits.detach(), dim=-1)
+    actions = th.multinomial(probs, 1, generator=generator).squeeze(-1)
+    fisher_loss = -th.log_softmax(logits, dim=-1).gather(1, actions.unsqueeze(1)).mean()
+    optimizer.update_statistics(fisher_loss, batch_size=len(inputs))
+    return actions, probs - nn.functional.one_hot(actions, probs.shape[1]).to(probs.dtype)
+
+
+def _with_ones(inputs: th.Tensor) -> th.Tensor:
+    return th.cat([inputs, th.ones_like(inputs[:, :1])], dim=1)
+
+
+def _exact_blocks(layer: nn.Linear, support: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """
+    Exact Fisher block of [W, b] (row-major vec) and its exact K-FAC approximation for x uniform on ``support``.
+
+    The per-sample score is (p - e_a) ⊗ x̄ and E_a[(p - e_a)(p - e_a)ᵀ] = diag(p) - ppᵀ.
+    """
+    with th.no_grad():
+        probs = th.softmax(layer(support), dim=-1)
+    covariances = th.stack([th.diag(p) - th.outer(p, p) for p in probs])
+    inputs = _with_ones(support)
+    outer_inputs = th.einsum("ni,nj->nij", inputs, inputs)
+    exact = th.stack([th.kron(cov, xx) for cov, xx in zip(covariances, outer_inputs, strict=True)]).mean(0)
+    return exact, th.kron(covariances.mean(0), outer_inputs.mean(0))
+
+
+def _make_linear(weight_scale: float) -> nn.Linear:
+    th.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    with th.no_grad():
+        layer.weight.mul_(weight_scale)
+        layer.bias.copy_(th.tensor([0.5, -0.3, 0.1], dtype=th.float64))
+    return layer
+
+
+SUPPORT = th.tensor([[1.0, 0.0, -1.0], [0.5, 1.0, 0.0], [-1.0, 0.5, 0.5], [0.0, -1.0, 1.0]], dtype=th.float64)
+
+
+def test_factors_are_the_sampled_statistics() -> None:
+    layer = _make_linear(1.0)
+    optimizer = KFAC(layer)
+    generator = th.Generator().manual_seed(0)
+    inputs = th.randn(50, 3, dtype=th.float64, generator=generator)
+    _, scores = _categorical_fisher_pass(optimizer, layer, inputs, generator)
+    factor_a, factor_g = optimizer.kronecker_factors(layer)
+    # A = E[x̄x̄ᵀ], G = E[ggᵀ] with g the per-sample score gradient (not the batch-mean one)
+    assert th.allclose(factor_a, _with_ones(inputs).T @ _with_ones(inputs) / 50)
+    assert th.allclose(factor_g, scores.T @ scores / 50)
+
+
+def test_kronecker_block_equals_fisher_block_when_inputs_and_gradients_are_independent() -> None:
+    # W = 0: the output distribution, hence the score g, does not depend on x
+    layer = _make_linear(0.0)
+    exact, kronecker = _exact_blocks(layer, SUPPORT)
+    assert th.allclose(exact, kronecker, atol=1e-12)
+
+    optimizer = KFAC(layer, stat_decay=0.5)
+    generator = th.Generator().manual_seed(1)
+    inputs = SUPPORT[th.randint(len(SUPPORT), (40_000,), generator=generator)]
+    _, scores = _categorical_fisher_pass(optimizer, layer, inputs, generator)
+    factor_a, factor_g = optimizer.kronecker_factors(layer)
+    estimate = th.kron(factor_g, factor_a)
+    # Dense Fisher from the per-sample gradients vec_row(g x̄ᵀ) = g ⊗ x̄ of the same samples
+    per_sample = th.einsum("ni,nj->nij", scores, _with_ones(inputs)).reshape(len(inputs), -1)
+    dense = per_sample.T @ per_sample / len(inputs)
+    assert th.allclose(estimate, dense, atol=0.02)
+    assert th.allclose(estimate, exact, atol=0.02)
+
+
+def test_kronecker_gap_when_inputs_and_gradients_are_dependent() -> None:
+    layer = _make_linear(3.0)
+    exact, kronecker = _exact_blocks(layer, SUPPORT)
+    gap = (th.linalg.matrix_norm(exact - kronecker) / th.linalg.matrix_norm(exact)).item()
+    assert 0.05 < gap < 1.0
+
+    optimizer = KFAC(layer)
+    generator = th.Generator().manual_seed(2)
+    inputs = SUPPORT[th.randint(len(SUPPORT), (40_000,), generator=generator)]
+    _categorical_fisher_pass(optimizer, layer, inputs, generator)
+    factor_a, factor_g = optimizer.kronecker_factors(layer)
+    # The estimate converges to the Kronecker product of the expectations, not to the exact block
+    assert th.allclose(th.kron(factor_g, factor_a), kronecker, atol=0.02)
+    assert th.linalg.matrix_norm(th.kron(factor_g, factor_a) - exact) > 0.5 * th.linalg.matrix_norm(exact - kronecker)
+
+
+def _tiny_network() -> nn.Sequential:
+    th.manual_seed(3)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _prepared(lr: float, kl_clip: float, damping: float = 0.1) -> tuple[nn.Sequential, KFAC, list[th.Tensor]]:
+    network = _tiny_network()
+    optimizer = KFAC(network, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip)
+    generator = th.Generator().manual_seed(4)
+    inputs = th.randn(64, 3, dtype=th.float64, generator=generator)
+    _categorical_fisher_pass(optimizer, network, inputs, generator)
+    optimizer.zero_grad()
+    (network(inputs) ** 2).mean().backward()
+    grads = [param.grad.clone() for param in network.parameters()]  # type: ignore[union-attr]
+    return network, optimizer, grads
+
+
+def _dense_damped_inverse(optimizer: KFAC, layer: nn.Module, damping: float) -> tuple[th.Tensor, th.Tensor]:
+    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ computed directly."""
+    factor_a, factor_g = optimizer.kronecker_factors(layer)
+    pi = math.sqrt((th.trace(factor_a) / len(factor_a)).item() / (th.trace(factor_g) / len(factor_g)).item())
+    root = math.sqrt(damping)
+    eye_a, eye_g = th.eye(len(factor_a), dtype=factor_a.dtype), th.eye(len(factor_g), dtype=factor_g.dtype)
+    return th.linalg.inv(factor_a + pi * root * eye_a), th.linalg.inv(factor_g + root / pi * eye_g)
+
+
+def test_preconditioned_step_equals_dense_kronecker_inverse() -> None:
+    damping = 0.1
+    network, optimizer, grads = _prepared(lr=1.0, kl_clip=1e9, damping=damping)
+    before = [param.detach().clone() for param in network.parameters()]
+    optimizer.step()
+    assert optimizer.step_scale == 1.0
+    for index, layer in ((0, network[0]), (2, network[2])):
+        inverse_a, inverse_g = _dense_damped_inverse(optimizer, layer, damping)
+        gradient = th.cat([grads[index], grads[index + 1].unsqueeze(1)], dim=1)
+        # Column-major vec: vec(G⁻¹ Γ A⁻¹) = (A⁻¹ ⊗ G⁻¹) vec(Γ)
+        expected = (th.kron(inverse_a, inverse_g) @ gradient.T.flatten()).reshape(gradient.shape[1], -1).T
+        step = th.cat([before[index] - layer.weight, (before[index + 1] - layer.bias).unsqueeze(1)], dim=1)
+        # (rtol: the optimizer clamps eigenvalues at 1e-6; the output layer's G is singular)
+        assert th.allclose(step, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_trust_region_bounds_the_quadratic_kl() -> None:
+    damping, lr, kl_clip = 0.1, 0.25, 1e-5
+    network, optimizer, grads = _prepared(lr=lr, kl_clip=kl_clip, damping=damping)
+    before = [param.detach().clone() for param in network.parameters()]
+    optimizer.step()
+    assert optimizer.step_scale < 1.0
+    # ½ lr² η² ΔᵀF̂Δ with the dense damped K-FAC Fisher, from the applied step lr·η·Δ
+    quadratic = 0.0
+    for index, layer in ((0, network[0]), (2, network[2])):
+        inverse_a, inverse_g = _dense_damped_inverse(optimizer, layer, damping)
+        fisher = th.kron(th.linalg.inv(inverse_g), th.linalg.inv(inverse_a))  # row-major vec
+        step = th.cat([before[index] - layer.weight, (before[index + 1] - layer.bias).unsqueeze(1)], dim=1).flatten()
+        quadratic += 0.5 * (step @ fisher @ step).item()
+    assert quadratic <= kl_clip * (1 + 1e-6)
+    assert quadratic == pytest.approx(kl_clip, rel=1e-6)
+    assert optimizer.kl_estimate == pytest.approx(quadratic, rel=1e-6)
+
+    # A small step is not scaled
+    _, optimizer, _ = _prepared(lr=1e-4, kl_clip=1.0, damping=damping)
+    optimizer.step()
+    assert optimizer.step_scale == 1.0
+    assert optimizer.kl_estimate < 1.0
+
+
+def test_non_finite_gradient_leaves_parameters_unchanged() -> None:
+    network, optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3)
+    network[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+    before = [param.detach().clone() for param in network.parameters()]
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        optimizer.step()
+    for old, param in zip(before, network.parameters(), strict=True):
+        assert th.equal(old, param)
+
+
+def test_non_finite_statistics_are_not_recorded() -> None:
+    network = _tiny_network()
+    optimizer = KFAC(network)
+    inputs = th.randn(8, 3, dtype=th.float64)
+    inputs[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite statistics"):
+        _categorical_fisher_pass(optimizer, network, inputs, th.Generator().manual_seed(0))
+    assert "A" not in optimizer.state[network[0].weight]
+
+
+def test_failed_eigendecomposition_falls_back_to_the_damped_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    damping = 0.1
+    network, optimizer, grads = _prepared(lr=0.25, kl_clip=1e-3, damping=damping)
+    before = [param.detach().clone() for param in network.parameters()]
+
+    def failing_eigh(matrix: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        raise th.linalg.LinAlgError("forced failure")
+
+    monkeypatch.setattr(th.linalg, "eigh", failing_eigh)
+    with pytest.warns(RuntimeWarning, match="eigendecompositions failed"):
+        optimizer.step()
+    # F̂ = λI for every block: the step is -lr·η·∇/λ, parallel to the gradient
+    scale = optimizer.step_scale
+    assert 0 < scale <= 1
+    for old, param, grad in zip(before, network.parameters(), grads, strict=True):
+        assert th.isfinite(param).all()
+        assert th.allclose(old - param, 0.25 * scale * grad / damping)
+
+
+def test_free_parameters_get_a_diagonal_preconditioner() -> None:
+    class WithLogStd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mean = nn.Linear(2, 1)
+            self.log_std = nn.Parameter(th.zeros(1))
+
+    model = WithLogStd()
+    optimizer = KFAC(model)
+    assert [id(param) for param in optimizer.diagonal_params] == [id(model.log_std)]
+    inputs = th.randn(4000, 2)
+    with optimizer.capture():
+        distribution = th.distributions.Normal(model.mean(inputs), model.log_std.exp())
+    actions = distribution.sample()
+    optimizer.update_statistics(-distribution.log_prob(actions).mean(), batch_size=len(inputs))
+    # Fisher of a Gaussian's log σ is 2: batch_size·(mean score)² estimates it without bias, within noise
+    assert 0.0 < optimizer.state[model.log_std]["diag"].item() < 20.0
+    before = model.log_std.detach().clone()
+    optimizer.zero_grad()
+    (model.log_std**2 + 1.0).sum().backward()
+    model.log_std.grad.fill_(1.0)  # type: ignore[union-attr]
+    optimizer.step()
+    assert not th.equal(before, model.log_std)
+
+
+def test_ordinary_backward_does_not_touch_the_statistics() -> None:
+    network, optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3)
+    factor_a, factor_g = (factor.clone() for factor in optimizer.kronecker_factors(network[2]))
+    inputs = th.randn(16, 3, dtype=th.float64)
+    with optimizer.capture():
+        output = network(inputs)
+    output.sum().backward()
+    assert th.equal(factor_g, optimizer.kronecker_factors(network[2])[1])
+    assert th.equal(factor_a, optimizer.kronecker_factors(network[2])[0])
+
+
+def test_convolution_factors_have_the_patch_dimension() -> None:
+    th.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    optimizer = KFAC(network)
+    _categorical_fisher_pass(optimizer, network, th.randn(10, 2, 8, 8), th.Generator().manual_seed(0))
+    factor_a, factor_g = optimizer.kronecker_factors(network[0])
+    assert factor_a.shape == (2 * 3 * 3 + 1, 2 * 3 * 3 + 1) and factor_g.shape == (3, 3)
+    # The bias column of A is the mean of the ones column: 1
+    assert factor_a[-1, -1].item() == pytest.approx(1.0)
+    network.zero_grad()
+    network(th.randn(10, 2, 8, 8)).sum().backward()
+    optimizer.step()
+    assert all(th.isfinite(param).all() for param in network.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=0.0),
+        dict(damping=-1.0),
+        dict(kl_clip=0.0),
+        dict(stat_decay=1.0),
+        dict(stat_decay=0.0),
+        dict(inverse_update_freq=0),
+        dict(momentum=1.0),
+    ],
+)
+def test_bad_hyperparameters(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        KFAC(nn.Linear(2, 2), **kwargs)
