@@ -147,7 +147,7 @@ def test_preconditioned_step_equals_dense_kronecker_inverse() -> None:
 
 def test_trust_region_bounds_the_quadratic_kl() -> None:
     damping, lr, kl_clip = 0.1, 0.25, 1e-5
-    network, optimizer, grads = _prepared(lr=lr, kl_clip=kl_clip, damping=damping)
+    network, optimizer, _ = _prepared(lr=lr, kl_clip=kl_clip, damping=damping)
     before = [param.detach().clone() for param in network.parameters()]
     optimizer.step()
     assert optimizer.step_scale < 1.0
@@ -167,6 +167,30 @@ def test_trust_region_bounds_the_quadratic_kl() -> None:
     optimizer.step()
     assert optimizer.step_scale == 1.0
     assert optimizer.kl_estimate < 1.0
+
+
+def test_cold_iterations_are_plain_sgd() -> None:
+    network = _tiny_network()
+    optimizer = KFAC(network, lr=0.3, momentum=0.0, cold_iters=1)
+    generator = th.Generator().manual_seed(5)
+    inputs = th.randn(16, 3, dtype=th.float64, generator=generator)
+    _categorical_fisher_pass(optimizer, network, inputs, generator)
+    optimizer.zero_grad()
+    (network(inputs) ** 2).mean().backward()
+    grads = [param.grad.clone() for param in network.parameters()]  # type: ignore[union-attr]
+    before = [param.detach().clone() for param in network.parameters()]
+    optimizer.step()
+    for old, param, grad in zip(before, network.parameters(), grads, strict=True):
+        assert th.allclose(old - param, 0.1 * grad)
+    # The next step is a K-FAC step: not parallel to the gradient
+    optimizer.zero_grad()
+    (network(inputs) ** 2).mean().backward()
+    grad = network[0].weight.grad.clone()  # type: ignore[union-attr]
+    old = network[0].weight.detach().clone()
+    optimizer.step()
+    step = (old - network[0].weight).flatten()
+    cosine = th.nn.functional.cosine_similarity(step, grad.flatten(), dim=0)
+    assert cosine < 0.999
 
 
 def test_non_finite_gradient_leaves_parameters_unchanged() -> None:

@@ -23,9 +23,11 @@ class ACKTR(TrustOnPolicyAlgorithm):
 
     Each rollout gives one update of ``policy_loss + vf_coef·value_loss + ent_coef·entropy_loss`` (A2C's loss) by
     ``sb3_trust.common.kfac.KFAC``: a natural-gradient step preconditioned by a Kronecker-factored Fisher of the
-    joint model (policy and a unit-noise Gaussian value head), scaled so its quadratic KL stays below
+    joint model (the policy and a Gaussian around the value prediction), scaled so its quadratic KL stays below
     ``kfac_kl_clip``. The Fisher statistics come from a second backward pass of the *sampled* Fisher loss
     ``-mean log π(â|s) + vf_fisher_coef·mean((v(s) - ŷ)²)`` with â ~ π(·|s) and ŷ = stopgrad(v(s) + N(0, 1)).
+    As in baselines, the value term's per-sample score is 2·vf_fisher_coef·ε (ε ~ N(0, 1)): the value head's
+    Fisher is that of a unit-variance Gaussian weighted by (2·vf_fisher_coef)².
 
     Paper: https://arxiv.org/abs/1708.05144
 
@@ -197,11 +199,12 @@ class ACKTR(TrustOnPolicyAlgorithm):
         entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
         loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
 
-        # Sampled Fisher of the joint model π(a|s)·N(y; v(s), ½): the negative log-likelihood of targets drawn from
-        # the model itself. Both terms are *negative* log-likelihoods (baselines and its PyTorch port add
-        # -mean log π and -mean (v - ŷ)², opposite signs, ikostrikov/pytorch-a2c-ppo-acktr-gail#279): each term's
-        # own factors do not see a sign, but a shared trunk sums the per-sample output gradients of both heads,
-        # and only consistent signs make that the score of one likelihood.
+        # Sampled Fisher of the joint model π(a|s)·N(y; v(s), σ²): a negative log-likelihood of targets drawn from
+        # the model itself, -log π(â|s) + c·(v - ŷ)² (c = vf_fisher_coef). Both terms must have the same sign: one head's own
+        # factors do not see a sign, but a shared trunk sums the per-sample output gradients of both heads, and only
+        # consistent signs make that sum the score of one likelihood. (Baselines writes the log-likelihood,
+        # mean log π - mean (v - ŷ)²; the PyTorch port negates only the policy term, -mean log π - mean (v - ŷ)²,
+        # ikostrikov/pytorch-a2c-ppo-acktr-gail#279.) The overall sign is irrelevant: K-FAC uses outer products.
         with th.no_grad():
             sampled_actions = distribution.sample()
             value_targets = values + th.randn_like(values)

@@ -263,19 +263,32 @@ class KFAC(Optimizer):
 
     # --- step -------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _eigh(matrix: th.Tensor) -> tuple[th.Tensor, th.Tensor] | None:
+        """
+        Symmetric eigendecomposition, retried in float64 when the first attempt fails or is not finite.
+
+        :return: (eigenvalues, eigenvectors) in the matrix's dtype, or None when both attempts failed
+        """
+        for dtype in dict.fromkeys((matrix.dtype, th.float64)):
+            try:
+                eigenvalues, eigenvectors = th.linalg.eigh(matrix.to(dtype))
+            except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+                continue
+            if bool(th.isfinite(eigenvalues).all()) and bool(th.isfinite(eigenvectors).all()):
+                return eigenvalues.to(matrix.dtype), eigenvectors.to(matrix.dtype)
+        return None
+
     def _update_eigenbasis(self, state: dict[str, Any]) -> bool:
         """
         Eigendecompose A and G (clamped eigenvalues) and the π of the factored damping.
 
         :return: False when the decomposition failed or was not finite (the previous one, if any, is kept)
         """
-        try:
-            eig_a, basis_a = th.linalg.eigh(state["A"])
-            eig_g, basis_g = th.linalg.eigh(state["G"])
-        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        decomposed_a, decomposed_g = self._eigh(state["A"]), self._eigh(state["G"])
+        if decomposed_a is None or decomposed_g is None:
             return False
-        if not all(bool(th.isfinite(tensor).all()) for tensor in (eig_a, basis_a, eig_g, basis_g)):
-            return False
+        (eig_a, basis_a), (eig_g, basis_g) = decomposed_a, decomposed_g
         # π = sqrt((tr A / dim A) / (tr G / dim G)), Martens & Grosse (2015), Eq. 12 (traces from the clamped spectra)
         eig_a = eig_a.clamp_min(self.eigenvalue_min)
         eig_g = eig_g.clamp_min(self.eigenvalue_min)
@@ -303,7 +316,9 @@ class KFAC(Optimizer):
                     grad.mul_(self.max_grad_norm / (norm + 1e-6))
         return grads
 
-    def _precondition(self, grads: dict[nn.Parameter, th.Tensor], damping: float, refresh: bool) -> dict[nn.Parameter, th.Tensor]:
+    def _precondition(
+        self, grads: dict[nn.Parameter, th.Tensor], damping: float, refresh: bool
+    ) -> dict[nn.Parameter, th.Tensor]:
         """
         Δ = F̂⁻¹ ∇ blockwise: (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹ for each layer, ∇ / (diag + λ) for free parameters.
 
@@ -387,7 +402,7 @@ class KFAC(Optimizer):
                 warnings.warn("K-FAC: non-finite step, the step is skipped", RuntimeWarning, stacklevel=2)
                 return loss
             # η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))): the quadratic KL ½ lr² η² ΔᵀF̂Δ stays ≤ kl_clip (ACKTR, Sec. 3.1)
-            scale = 1.0 if quadratic_value == 0 else min(1.0, math.sqrt(2.0 * kl_clip / (lr**2 * quadratic_value)))
+            scale = 1.0 if quadratic_value == 0 or lr <= 0 else min(1.0, math.sqrt(2.0 * kl_clip / (lr**2 * quadratic_value)))
             self.kl_estimate = 0.5 * lr**2 * scale**2 * quadratic_value
         self.step_scale = scale
 

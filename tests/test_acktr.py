@@ -1,0 +1,183 @@
+"""ACKTR: every action space and policy, logging, validation, save/load of the K-FAC state, learning CartPole."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
+
+from sb3_trust import ACKTR
+from sb3_trust.common.kfac import KFAC
+from sb3_trust.train import RUN_KEYS, load_hyperparameters
+from tests.test_algorithms import TinyImageEnv, action_space_envs
+
+SMALL: dict[str, Any] = dict(n_steps=8, policy_kwargs=dict(net_arch=[16]), seed=0)
+LOGGED = (
+    "train/entropy_loss",
+    "train/policy_loss",
+    "train/value_loss",
+    "train/explained_variance",
+    "train/n_updates",
+    "train/learning_rate",
+    "train/kfac_step_scale",
+    "train/kl_estimate",
+    "train/kfac_damping",
+)
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    # K-FAC's eigendecompositions slow down badly when LAPACK threads compete for busy cores
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("space", list(action_space_envs()))
+def test_runs_on_every_action_space(space: str) -> None:
+    model = ACKTR("MlpPolicy", DummyVecEnv([action_space_envs()[space]] * 2), **SMALL)
+    model.learn(80)
+    logged = model.logger.name_to_value
+    assert logged["train/n_updates"] == 5
+    for key in LOGGED:
+        assert key in logged, key
+    assert 0 < logged["train/kfac_step_scale"] <= 1
+    assert logged["train/kl_estimate"] <= model.kfac_kl_clip * (1 + 1e-6)
+    for param in model.policy.parameters():
+        assert th.isfinite(param).all()
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    # Every Linear layer of the MLP policy is a Kronecker-factored block with statistics
+    linears = [module for module in model.policy.modules() if isinstance(module, nn.Linear)]
+    assert len(optimizer.blocks) == len(linears)
+    assert all("A" in optimizer.state[weight] and "Q_G" in optimizer.state[weight] for _, weight, _ in optimizer.blocks)
+    if space == "box":
+        assert "train/std" in logged
+        assert [id(param) for param in optimizer.diagonal_params] == [id(model.policy.log_std)]
+        assert "diag" in optimizer.state[model.policy.log_std]
+    else:
+        assert optimizer.diagonal_params == []
+
+
+def test_cnn_policy_factors_its_convolutions() -> None:
+    policy_kwargs = dict(features_extractor_kwargs=dict(features_dim=16), net_arch=[])
+    model = ACKTR("CnnPolicy", DummyVecEnv([TinyImageEnv] * 2), n_steps=4, policy_kwargs=policy_kwargs, seed=0)
+    model.learn(16)
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    convolutions = [module for module, _, _ in optimizer.blocks if isinstance(module, nn.Conv2d)]
+    assert len(convolutions) == 3  # NatureCNN
+    for module in convolutions:
+        factor_a, factor_g = optimizer.kronecker_factors(module)
+        assert factor_g.shape == (module.out_channels, module.out_channels)
+        assert th.isfinite(factor_a).all() and th.isfinite(factor_g).all()
+    assert all(th.isfinite(param).all() for param in model.policy.parameters())
+
+
+def test_dict_observations() -> None:
+    model = ACKTR("MultiInputPolicy", DummyVecEnv([lambda: SimpleMultiObsEnv(random_start=False)]), **SMALL)
+    model.learn(32)
+    assert model.logger.name_to_value["train/n_updates"] == 4
+
+
+def test_gsde_and_cold_iterations() -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = ACKTR("MlpPolicy", env, use_sde=True, sde_sample_freq=4, kfac_cold_iters=2, **SMALL)
+    model.learn(48)
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    assert optimizer.state[optimizer.param_groups[0]["params"][0]]["step_count"] == 3
+    # gSDE's log_std is a free parameter with a diagonal preconditioner
+    assert any(param is model.policy.log_std for param in optimizer.diagonal_params)
+    assert "train/std" in model.logger.name_to_value
+    assert all(th.isfinite(param).all() for param in model.policy.parameters())
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "LunarLander-v3", "HalfCheetah-v5", "Hopper-v5"])
+def test_shipped_zoo_config_builds_a_model(env_id: str) -> None:
+    pytest.importorskip("yaml")
+    hyperparameters = load_hyperparameters("acktr", env_id)
+    assert hyperparameters, f"{env_id} missing from zoo_configs/acktr.yml"
+    n_envs = hyperparameters.get("n_envs", 1)
+    for key in RUN_KEYS:
+        hyperparameters.pop(key, None)
+    model = ACKTR("MlpPolicy", make_vec_env(env_id, n_envs=n_envs), **hyperparameters)
+    assert isinstance(model.policy.optimizer, KFAC)
+
+
+def test_learning_rate_schedule_reaches_the_optimizer() -> None:
+    model = ACKTR(
+        "MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), learning_rate=lambda progress: 0.1 * progress, **SMALL
+    )
+    model.learn(64)
+    learning_rate = model.policy.optimizer.param_groups[0]["lr"]
+    assert learning_rate == pytest.approx(model.logger.name_to_value["train/learning_rate"])
+    assert learning_rate < 0.1
+
+
+def test_save_and_load_restore_the_kfac_state(tmp_path: Path) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = ACKTR("MlpPolicy", env, kfac_inverse_update_freq=3, **SMALL)
+    model.learn(64)
+    model.save(tmp_path / "acktr.zip")
+    loaded = ACKTR.load(tmp_path / "acktr.zip", env=env)
+    saved_state = model.policy.optimizer.state_dict()["state"]
+    loaded_state = loaded.policy.optimizer.state_dict()["state"]
+    assert saved_state.keys() == loaded_state.keys()
+    keys = set()
+    for index, entries in saved_state.items():
+        assert entries.keys() == loaded_state[index].keys()
+        for key, value in entries.items():
+            keys.add(key)
+            if isinstance(value, th.Tensor):
+                assert th.equal(value, loaded_state[index][key]), key
+            else:
+                assert value == loaded_state[index][key], key
+    assert {"A", "G", "Q_A", "eig_A", "Q_G", "eig_G", "pi", "stat_updates", "step_count", "momentum_buffer"} <= keys
+    # The loaded optimizer is wired to the loaded policy: its hooks feed its statistics
+    optimizer = loaded.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    weight = optimizer.blocks[0][1]
+    assert any(weight is param for param in loaded.policy.parameters())
+    updates_before = optimizer.state[weight]["stat_updates"]
+    loaded.learn(32, reset_num_timesteps=False)
+    assert optimizer.state[weight]["stat_updates"] == updates_before + 2
+    assert all(th.isfinite(param).all() for param in loaded.policy.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(learning_rate=0.0),
+        dict(kfac_kl_clip=-1e-3),
+        dict(kfac_damping=0.0),
+        dict(kfac_stat_decay=1.0),
+        dict(kfac_stat_decay=0.0),
+        dict(kfac_inverse_update_freq=0),
+        dict(kfac_momentum=1.0),
+    ],
+)
+def test_bad_hyperparameters(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        ACKTR("MlpPolicy", "CartPole-v1", **kwargs)
+
+
+@pytest.mark.slow
+def test_learns_cartpole() -> None:
+    # One thread (the autouse fixture restores the previous count): the run is then reproducible
+    assert th.get_num_threads() == 1
+    # The class defaults (the paper's settings) with zoo_configs/acktr.yml's 16 environments
+    env = make_vec_env("CartPole-v1", n_envs=16, seed=0)
+    model = ACKTR("MlpPolicy", env, seed=0)
+    model.learn(200_000)
+    mean_reward, _ = evaluate_policy(model, make_vec_env("CartPole-v1", n_envs=1, seed=123), n_eval_episodes=10)
+    assert mean_reward >= 475
+    assert np.isfinite(mean_reward)
