@@ -7,13 +7,17 @@ Usage::
     python -m sb3_trust.benchmark --algo trpo --env HalfCheetah-v5 Hopper-v5 --mode returns --seeds 0 1 2 --jobs 2
     python -m sb3_trust.benchmark --env CartPole-v1 --mode all --seeds 0 --timesteps 4096 --speed-updates 2 --jobs 1
     python -m sb3_trust.benchmark --algo ppokl --env CartPole-v1 Pendulum-v1 --mode returns --seeds 0 1 2
+    python -m sb3_trust.benchmark --algo acktr --env CartPole-v1 --mode returns --seeds 0 1 2 --threshold CartPole-v1=475
 
 Each ``--algo`` names an entry of ``PAIRS``: our class, the peer's class (both as dotted paths, imported only
 when used) and the RL Zoo file of ``zoo_configs/`` that holds the hyperparameters. Both algorithms get the
 same hyperparameters (``--hyperparams key=value ...`` overrides them for both) and identically seeded
 environments (``make_vec_env``, plus ``VecNormalize`` with the algorithm's gamma when the config normalizes).
 The exceptions are a pair's ``ours_only`` keys, arguments that only our class understands or that mean something
-else to the peer: they are given to ours alone, and the report lists them.
+else to the peer: they are given to ours alone (the peer keeps its own class default unless ``--peer-hyperparams``
+sets them), and the report lists them with the peer's defaults. A pair's ``shared_defaults`` keys are given to both
+with our class's default when neither the config nor ``--hyperparams`` sets them, so that the two classes'
+different defaults do not make the settings differ.
 
 Modes:
 
@@ -31,7 +35,10 @@ Modes:
     deterministic episodes on a separate environment (seed + 10000) whose ``VecNormalize`` statistics are
     copied from the training environment. Each run's JSON is written to ``<output>/runs/`` when it finishes.
     The learning curves are drawn to ``<output>/<algo>_<env>_curve.png``. The wall times of these runs are
-    taken in parallel and are no speed measurement.
+    taken in parallel and are no speed measurement. Sample efficiency: with a return threshold for the environment
+    (``--threshold ENV=VALUE``; defaults in ``DEFAULT_THRESHOLDS``), the report gives for each run the first
+    timestep at which the moving average of the training episode returns (the curve's smoothing) reaches it, the
+    mean over seeds, and the ratio peer / ours (above 1: ours needs fewer steps).
 ``all``
     ``speed`` for every environment, then ``returns``.
 
@@ -43,6 +50,7 @@ import argparse
 import ast
 import gc
 import importlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -82,6 +90,29 @@ _PPOKL_NOTE = (
     "SB3 PPO's default `clip_range=0.2` (the clipped objective) while ours has no clipping (`clip_range=None`, "
     "the pure penalty method); otherwise identical settings."
 )
+# ACKTR's K-FAC arguments, and its learning rate, which is K-FAC's step length (0.25), not an RMSprop rate
+_ACKTR_ONLY = (
+    "learning_rate",
+    "vf_fisher_coef",
+    "kfac_kl_clip",
+    "kfac_damping",
+    "kfac_stat_decay",
+    "kfac_inverse_update_freq",
+    "kfac_cold_iters",
+    "kfac_momentum",
+    "kfac_weight_decay",
+)
+# A2C's loss settings, whose defaults differ between the classes (n_steps 20 / 5, ent_coef 0.01 / 0, vf_coef 0.25 / 0.5)
+_A2C_SHARED = ("n_steps", "gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "normalize_advantage")
+_ACKTR_NOTE = (
+    "this pair compares K-FAC's natural-gradient step (ACKTR) with A2C's RMSprop on the same loss. Both get the same "
+    f"{', '.join(f'`{key}`' for key in _A2C_SHARED)} (ACKTR's defaults where the config has none). "
+    "`learning_rate` goes to ACKTR only: ACKTR's (0.25, K-FAC's step length before the trust-region scale) would be "
+    "absurd for RMSprop, so A2C keeps its own default 7e-4 unless `--peer-hyperparams learning_rate=...` is given; "
+    f"the K-FAC keys ({', '.join(f'`{key}`' for key in _ACKTR_ONLY[1:])}) go to ACKTR only."
+)
+# Return thresholds of the sample-efficiency measure: gymnasium's registered `reward_threshold` of these tasks
+DEFAULT_THRESHOLDS: dict[str, float] = {"CartPole-v1": 475.0, "LunarLander-v3": 200.0}
 
 
 class Pair(NamedTuple):
@@ -93,7 +124,10 @@ class Pair(NamedTuple):
     :param config: RL Zoo YAML file in ``zoo_configs/`` with the hyperparameters of both
     :param note: caveat printed with every report of this pair
     :param ours_only: algorithm keyword arguments given to our class only (the peer lacks them, or reads them
-        differently): removed from the peer's keyword arguments and listed in the report
+        differently): removed from the peer's keyword arguments, so the peer uses its own default, and listed in
+        the report
+    :param shared_defaults: algorithm keyword arguments given to both sides with our class's default when neither
+        the config nor ``--hyperparams`` sets them (the two classes' defaults differ)
     """
 
     ours: str
@@ -101,12 +135,14 @@ class Pair(NamedTuple):
     config: str
     note: str = ""
     ours_only: tuple[str, ...] = ()
+    shared_defaults: tuple[str, ...] = ()
 
 
 PAIRS: dict[str, Pair] = {
     "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE),
     "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE),
     "ppokl": Pair("sb3_trust.PPOKL", "stable_baselines3.PPO", "ppokl.yml", _PPOKL_NOTE, _PPOKL_ONLY),
+    "acktr": Pair("sb3_trust.ACKTR", "stable_baselines3.A2C", "acktr.yml", _ACKTR_NOTE, _ACKTR_ONLY, _A2C_SHARED),
 }
 SIDES = ("ours", "peer")
 MODES = ("speed", "returns", "all")
@@ -135,6 +171,7 @@ class Setting:
         unless ``--peer-hyperparams``)
     :param from_config: whether the config file has an entry for ``env_id``
     :param ours_only: the entries of ``kwargs`` that were kept from the peer (the pair's ``ours_only`` keys)
+    :param threshold: return threshold of the sample-efficiency measure, or None without one
     """
 
     env_id: str
@@ -146,6 +183,7 @@ class Setting:
     peer_kwargs: dict[str, Any]
     from_config: bool
     ours_only: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
 
     @property
     def shared_kwargs(self) -> dict[str, Any]:
@@ -306,12 +344,22 @@ def _normalize_kwargs(value: Any) -> dict[str, Any] | None:
     return {} if value else None
 
 
+def class_defaults(class_path: str) -> dict[str, Any]:
+    """
+    :param class_path: dotted path of an algorithm class
+    :return: the default values of its constructor's keyword arguments
+    """
+    parameters = inspect.signature(resolve_class(class_path)).parameters
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+
+
 def make_setting(
     pair: Pair,
     env_id: str,
     overrides: dict[str, Any],
     peer_overrides: dict[str, Any],
     timesteps: int | None,
+    threshold: float | None = None,
 ) -> Setting:
     """
     The shared setting of an environment: the pair's config entry with the command line's overrides.
@@ -322,11 +370,16 @@ def make_setting(
     :param peer_overrides: ``--peer-hyperparams`` (the peer's algorithm keyword arguments only, applied after the
         ``ours_only`` keys are removed: they can set one of those for the peer)
     :param timesteps: ``--timesteps``, or None for the config's ``n_timesteps``
+    :param threshold: return threshold of the sample-efficiency measure, or None
     :return: the setting
     """
     hyperparameters = load_hyperparameters(Path(pair.config).stem, env_id, CONFIG_DIR)
     from_config = bool(hyperparameters)
     hyperparameters.update(overrides)
+    if pair.shared_defaults:
+        defaults = class_defaults(pair.ours)
+        for key in pair.shared_defaults:
+            hyperparameters.setdefault(key, defaults[key])
     run = {key: hyperparameters.pop(key) for key in RUN_KEYS if key in hyperparameters}
     unsupported = sorted(set(run) & set(UNSUPPORTED_RUN_KEYS))
     if unsupported:
@@ -346,6 +399,7 @@ def make_setting(
         peer_kwargs={**shared, **peer_overrides},
         from_config=from_config,
         ours_only=ours_only,
+        threshold=threshold,
     )
 
 
@@ -538,6 +592,20 @@ def run_returns(tasks: list[RunTask], jobs: int) -> tuple[list[dict[str, Any]], 
     return results, errors
 
 
+def _moving_average(episodes: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """
+    :param episodes: (timestep, return, ...) of the finished episodes, in order
+    :return: the timesteps at which the episodes finished, and after each episode the mean return of the last
+        ``SMOOTHING_EPISODES`` episodes (of all episodes so far, before there are that many)
+    """
+    timesteps = np.array([episode[0] for episode in episodes], dtype=float)
+    returns = np.array([episode[1] for episode in episodes], dtype=float)
+    cumulative = np.concatenate(([0.0], np.cumsum(returns)))
+    counts = np.arange(1, len(returns) + 1)
+    window = np.minimum(counts, SMOOTHING_EPISODES)
+    return timesteps, (cumulative[counts] - cumulative[counts - window]) / window
+
+
 def _smoothed_curve(episodes: Sequence[Sequence[float]], grid: np.ndarray) -> np.ndarray:
     """
     :param episodes: (timestep, return, ...) of the finished episodes, in order
@@ -545,14 +613,74 @@ def _smoothed_curve(episodes: Sequence[Sequence[float]], grid: np.ndarray) -> np
     :return: at each grid timestep, the mean return of the last ``SMOOTHING_EPISODES`` episodes finished by then
         (NaN before the first)
     """
-    timesteps = np.array([episode[0] for episode in episodes], dtype=float)
-    returns = np.array([episode[1] for episode in episodes], dtype=float)
-    cumulative = np.concatenate(([0.0], np.cumsum(returns)))
-    counts = np.arange(1, len(returns) + 1)
-    window = np.minimum(counts, SMOOTHING_EPISODES)
-    smoothed = (cumulative[counts] - cumulative[counts - window]) / window
+    timesteps, smoothed = _moving_average(episodes)
     index = np.searchsorted(timesteps, grid, side="right") - 1
     return np.where(index >= 0, smoothed[np.maximum(index, 0)], np.nan)
+
+
+def steps_to_threshold(episodes: Sequence[Sequence[float]], threshold: float) -> int | None:
+    """
+    The sample-efficiency measure: when the learning curve first reaches a return.
+
+    :param episodes: (timestep, return, ...) of the finished training episodes, in order
+    :param threshold: the return to reach
+    :return: the first timestep at which the moving average of the training episode returns (the smoothing of the
+        learning curves) is at least ``threshold``, or None when it never is
+    """
+    if not episodes:
+        return None
+    timesteps, smoothed = _moving_average(episodes)
+    reached = np.flatnonzero(smoothed >= threshold)
+    return int(timesteps[reached[0]]) if len(reached) else None
+
+
+def threshold_report(pair: Pair, setting: Setting, results: list[dict[str, Any]]) -> str:
+    """
+    :param pair: the comparison
+    :param setting: the shared setting, with a threshold
+    :param results: results of the runs on this environment
+    :return: the Markdown section of the steps to reach the threshold
+    """
+    assert setting.threshold is not None
+    rows, means, censored = [], {}, {}
+    for side, path in zip(SIDES, (pair.ours, pair.peer), strict=True):
+        runs = sorted((r for r in results if r["side"] == side), key=lambda r: r["seed"])
+        if not runs:
+            rows.append([f"{side}: {path}", "no finished run", "", ""])
+            continue
+        steps = [steps_to_threshold(r["episodes"], setting.threshold) for r in runs]
+        # A run that never reached the threshold counts with its length: a lower bound of its steps to reach it
+        bounded = [float(r["timesteps"]) if step is None else float(step) for r, step in zip(runs, steps, strict=True)]
+        mean, std = _mean_std(bounded)
+        means[side], censored[side] = mean, any(step is None for step in steps)
+        reached = sum(step is not None for step in steps)
+        per_seed = ", ".join(
+            f"{r['seed']}: {step}" if step is not None else f"{r['seed']}: not reached (> {r['timesteps']})"
+            for r, step in zip(runs, steps, strict=True)
+        )
+        prefix = "≥ " if censored[side] else ""
+        rows.append([f"{side}: {path}", f"{prefix}{mean:.0f} ± {std:.0f}", per_seed, f"{reached}/{len(runs)}"])
+    ratio = "n/a"
+    if len(means) == 2:
+        ratio = _ratio(means["peer"], means["ours"])
+        if ratio != "n/a" and censored["ours"] and censored["peer"]:
+            ratio = "n/a (runs of both sides did not reach the threshold)"
+        elif ratio != "n/a" and censored["peer"]:
+            ratio = f"≥ {ratio} (some peer runs did not reach the threshold)"
+        elif ratio != "n/a" and censored["ours"]:
+            ratio = f"≤ {ratio} (some of our runs did not reach the threshold)"
+    return "\n\n".join(
+        [
+            f"## Sample efficiency: timesteps to reach a return of {setting.threshold:g}",
+            f"First timestep at which the {SMOOTHING_EPISODES}-episode moving average of the training episode returns "
+            "(the smoothing of the learning curves) reaches the threshold. A run that never reaches it counts with its "
+            "length, so a mean marked ≥ is a lower bound.",
+            markdown_table(
+                ["algorithm", "timesteps to threshold (mean ± std over seeds)", "per seed", "runs that reached it"], rows
+            ),
+            f"Ratio of the means, peer / ours (above 1: ours needs fewer steps): **{ratio}**",
+        ]
+    )
 
 
 def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], path: Path) -> bool:
@@ -586,6 +714,10 @@ def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], pat
         axis.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
         drawn = True
     if drawn:
+        if setting.threshold is not None:
+            axis.axhline(
+                setting.threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {setting.threshold:g}"
+            )
         axis.set_xlabel("timesteps")
         axis.set_ylabel(f"training episode return ({SMOOTHING_EPISODES}-episode moving average)")
         axis.set_title(f"{setting.env_id}: {pair.ours} vs {pair.peer}")
@@ -712,6 +844,8 @@ def returns_report(pair: Pair, setting: Setting, results: list[dict[str, Any]], 
         ),
         f"Ratio of the mean final eval returns, ours / peer: **{ratio}**",
     ]
+    if setting.threshold is not None:
+        sections.append(threshold_report(pair, setting, results))
     if errors:
         sections.append("Failed runs:\n\n" + "\n".join(f"- {error}" for error in errors))
     if curve:
@@ -787,6 +921,25 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def env_threshold(item: str) -> tuple[str, float | None]:
+    """
+    argparse type of ``--threshold`` items.
+
+    :param item: ``ENV=VALUE`` (``ENV=none`` removes a default threshold)
+    :return: the environment id and the threshold (None for none)
+    """
+    env_id, separator, text = item.partition("=")
+    env_id, text = env_id.strip(), text.strip()
+    if not separator or not env_id:
+        raise argparse.ArgumentTypeError(f"expected ENV=VALUE, got {item!r}")
+    if text.lower() == "none":
+        return env_id, None
+    try:
+        return env_id, float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"cannot parse the threshold of {item!r}: {error}") from error
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """
     :param argv: command-line arguments (default: ``sys.argv``)
@@ -822,6 +975,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override algorithm arguments of the peer only (breaks the identical setting; shown in the report)",
     )
+    parser.add_argument(
+        "--threshold",
+        nargs="+",
+        type=env_threshold,
+        default=[],
+        metavar="ENV=VALUE",
+        help="return thresholds of the sample-efficiency measure in returns mode (timesteps until the smoothed "
+        "training return reaches it); ENV=none removes one. Defaults: "
+        + ", ".join(f"{env_id}={value:g}" for env_id, value in DEFAULT_THRESHOLDS.items())
+        + " (gymnasium's reward_threshold)",
+    )
     args = parser.parse_args(argv)
     for name in ("speed_updates", "jobs", "threads", "eval_episodes", "timesteps"):
         value = getattr(args, name)
@@ -855,6 +1019,11 @@ def _header(pair: Pair, args: argparse.Namespace, argv: list[str], setting: Sett
     ]
     if setting.ours_only:
         lines += ["", f"Ours only (not passed to the peer): `{setting.ours_only!r}`"]
+    # The pair's ours-only keys that the peer also takes: it runs with its own defaults for them
+    peer_defaults = class_defaults(pair.peer)
+    kept = {key: peer_defaults[key] for key in pair.ours_only if key in peer_defaults and key not in setting.peer_kwargs}
+    if kept:
+        lines += ["", f"The peer's own defaults (ours-only keys): `{kept!r}`"]
     if setting.peer_kwargs != setting.shared_kwargs:
         lines += ["", f"**Peer hyperparameters differ**: `{setting.peer_kwargs!r}`"]
     if not setting.from_config:
@@ -874,8 +1043,11 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     pair = PAIRS[args.algo]
     output = Path(args.output)
+    thresholds: dict[str, float | None] = {**DEFAULT_THRESHOLDS, **dict(args.threshold)}
     settings = {
-        env_id: make_setting(pair, env_id, dict(args.hyperparams), dict(args.peer_hyperparams), args.timesteps)
+        env_id: make_setting(
+            pair, env_id, dict(args.hyperparams), dict(args.peer_hyperparams), args.timesteps, thresholds.get(env_id)
+        )
         for env_id in args.env
     }
     sections: dict[str, list[str]] = {env_id: [] for env_id in args.env}

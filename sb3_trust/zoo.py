@@ -7,7 +7,7 @@ table before its script starts; this wrapper does that and then hands over to rl
     python -m sb3_trust.zoo train --algo trpo --env HalfCheetah-v5
     python -m sb3_trust.zoo enjoy --algo trpo --env HalfCheetah-v5 -f logs/
 
-``--algo npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
+``--algo acktr``, ``npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
 Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``.
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """

@@ -25,7 +25,7 @@ class ACKTR(TrustOnPolicyAlgorithm):
     ``sb3_trust.common.kfac.KFAC``: a natural-gradient step preconditioned by a Kronecker-factored Fisher of the
     joint model (the policy and a Gaussian around the value prediction), scaled so its quadratic KL stays below
     ``kfac_kl_clip``. The Fisher statistics come from a second backward pass of the *sampled* Fisher loss
-    ``-mean log π(â|s) + vf_fisher_coef·mean((v(s) - ŷ)²)`` with â ~ π(·|s) and ŷ = stopgrad(v(s) + N(0, 1)).
+    ``-mean log π(â|s) + vf_fisher_coef·mean((v(s) - ŷ)²)`` with ``â ~ π(·|s)`` and ŷ = stopgrad(v(s) + N(0, 1)).
     As in baselines, the value term's per-sample score is 2·vf_fisher_coef·ε (ε ~ N(0, 1)): the value head's
     Fisher is that of a unit-variance Gaussian weighted by (2·vf_fisher_coef)².
 

@@ -204,7 +204,7 @@ class KFAC(Optimizer):
         model, computed from a forward pass inside ``capture()``. Per-sample output gradients are then
         ``batch_size`` times the captured ones, and with rows over samples and locations:
         A = mean_rows(a aᵀ) and G = batch_size · Σ_rows g gᵀ; for a convolution this is the KFC factorisation with
-        the spatial size |T| carried by G (E[vec ∇W vec ∇Wᵀ] ≈ |T|·E[ggᵀ] ⊗ E[aaᵀ] under spatial homogeneity).
+        the number T of output locations carried by G (E[vec ∇W vec ∇Wᵀ] ≈ T·E[ggᵀ] ⊗ E[aaᵀ] under spatial homogeneity).
         For a free parameter, batch_size·(mean gradient)² estimates its Fisher diagonal without bias, because the
         score of sampled targets has mean zero.
 
