@@ -19,6 +19,7 @@ from sb3_trust.common.critic import MLPValueRegression, value_head_layers
 from sb3_trust.common.distributions import torch_distributions
 from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
+from sb3_trust.common.optim import LeanAdam
 from sb3_trust.common.policies import split_actor_critic_parameters
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
 
@@ -174,12 +175,14 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         super()._setup_model()
         self.actor_parameters, self.critic_parameters = split_actor_critic_parameters(self.policy)
         # The critic's own optimizer replaces the policy's, so it is saved and loaded as `policy.optimizer`.
-        # Its hundreds of small steps per update are dominated by per-tensor overhead: Adam's fused kernel
-        # (one call for all tensors) is used unless the user chose an implementation.
+        # Its hundreds of small steps per update are dominated by per-step overhead: plain Adam becomes LeanAdam
+        # (torch's fused kernel, called directly), unless the user chose an implementation.
+        optimizer_class = self.policy.optimizer_class
         optimizer_kwargs = dict(self.policy.optimizer_kwargs)
-        if self.policy.optimizer_class is th.optim.Adam and not {"fused", "foreach"} & optimizer_kwargs.keys():
-            optimizer_kwargs["fused"] = True
-        self.policy.optimizer = self.policy.optimizer_class(
+        user_chose = {"fused", "foreach", "capturable", "differentiable"} & set(optimizer_kwargs)
+        if optimizer_class is th.optim.Adam and not user_chose and self.device.type in ("cpu", "cuda"):
+            optimizer_class = LeanAdam
+        self.policy.optimizer = optimizer_class(
             self.critic_parameters, lr=self.lr_schedule(1), **optimizer_kwargs  # type: ignore[call-arg]
         )
 
