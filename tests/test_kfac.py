@@ -1,5 +1,6 @@
 """K-FAC: the Kronecker factors against exact Fisher blocks, the preconditioned step, the trust region, failures."""
 
+import copy
 import math
 
 import pytest
@@ -300,3 +301,93 @@ def test_convolution_factors_have_the_patch_dimension() -> None:
 def test_bad_hyperparameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         KFAC(nn.Linear(2, 2), **kwargs)
+
+
+def test_fused_backward_equals_separate_passes() -> None:
+    # A Gaussian policy head and a value head on a shared trunk, with a free log_std: the one-pass backward on the
+    # stacked rows gives the same gradients and statistics as a Fisher pass followed by loss.backward()
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
+            self.mean = nn.Linear(5, 2)
+            self.value = nn.Linear(5, 1)
+            self.log_std = nn.Parameter(th.tensor([0.1, -0.2], dtype=th.float64))
+
+        def forward(self, inputs: th.Tensor) -> tuple[th.distributions.Normal, th.Tensor]:
+            hidden = self.trunk(inputs)
+            return th.distributions.Normal(self.mean(hidden), self.log_std.exp()), self.value(hidden).flatten()
+
+    th.manual_seed(0)
+    separate, fused = Model().double(), Model().double()
+    fused.load_state_dict(separate.state_dict())
+    generator = th.Generator().manual_seed(6)
+    inputs = th.randn(12, 3, dtype=th.float64, generator=generator)
+    actions = th.randn(12, 2, dtype=th.float64, generator=generator)
+    returns = th.randn(12, dtype=th.float64, generator=generator)
+    fisher_inputs = inputs[::3]
+    sampled = th.randn(4, 2, dtype=th.float64, generator=generator)
+    noise = th.randn(4, dtype=th.float64, generator=generator)
+
+    def loss_of(distribution: th.distributions.Normal, values: th.Tensor) -> th.Tensor:
+        return -(returns * distribution.log_prob(actions).sum(-1)).mean() + ((values - returns) ** 2).mean()
+
+    def fisher_loss_of(distribution: th.distributions.Normal, values: th.Tensor) -> th.Tensor:
+        log_prob = distribution.log_prob(distribution.mean.detach() + sampled).sum(-1)
+        return -log_prob.mean() + ((values - (values.detach() + noise)) ** 2).mean()
+
+    optimizer = KFAC(separate)
+    with optimizer.capture():
+        fisher_distribution, fisher_values = separate(fisher_inputs)
+    optimizer.update_statistics(fisher_loss_of(fisher_distribution, fisher_values), batch_size=len(fisher_inputs))
+    loss_of(*separate(inputs)).backward()
+
+    fused_optimizer = KFAC(fused)
+    with fused_optimizer.capture():
+        stacked_distribution, stacked_values = fused(th.cat([inputs, fisher_inputs]))
+    mean, std = stacked_distribution.mean, stacked_distribution.stddev
+    loss = loss_of(th.distributions.Normal(mean[:12], std[:12]), stacked_values[:12])
+    fisher_loss = fisher_loss_of(th.distributions.Normal(mean[12:], std[12:]), stacked_values[12:])
+    fused_optimizer.backward(loss, fisher_loss, batch_size=12)
+
+    for param, fused_param in zip(separate.parameters(), fused.parameters(), strict=True):
+        assert th.allclose(param.grad, fused_param.grad, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
+        for key, value in optimizer.state[param].items():
+            fused_value = fused_optimizer.state[fused_param][key]
+            assert th.allclose(value, fused_value, rtol=1e-10, atol=1e-12) if th.is_tensor(value) else value == fused_value
+    assert "A" in optimizer.state[separate.mean.weight] and "diag" in optimizer.state[separate.log_std]
+    # Rows that do not split into the loss's and the Fisher loss's are refused
+    with fused_optimizer.capture():
+        stacked_distribution, _ = fused(inputs)
+    with pytest.raises(ValueError, match="Fisher rows"):
+        fused_optimizer.backward(stacked_distribution.mean.sum(), stacked_distribution.mean.sum(), batch_size=12)
+
+
+def test_fused_backward_of_a_convolution() -> None:
+    th.manual_seed(1)
+    network = nn.Sequential(nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2))
+    network = network.double()
+    reference = copy.deepcopy(network)
+    inputs = th.randn(6, 2, 8, 8, dtype=th.float64)
+    targets = th.randn(6, 2, dtype=th.float64)
+
+    def fisher_loss_of(logits: th.Tensor) -> th.Tensor:
+        return -th.log_softmax(logits, dim=-1)[:, 1].mean()
+
+    optimizer = KFAC(network)
+    with optimizer.capture():
+        outputs = network(th.cat([inputs, inputs[::2]]))
+    optimizer.backward(((outputs[:6] - targets) ** 2).mean(), fisher_loss_of(outputs[6:]), batch_size=6)
+
+    reference_optimizer = KFAC(reference)
+    with reference_optimizer.capture():
+        reference_logits = reference(inputs[::2])
+    reference_optimizer.update_statistics(fisher_loss_of(reference_logits), batch_size=3)
+    ((reference(inputs) - targets) ** 2).mean().backward()
+    for param, reference_param in zip(network.parameters(), reference.parameters(), strict=True):
+        assert th.allclose(param.grad, reference_param.grad, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
+    for module, reference_module in ((network[0], reference[0]), (network[3], reference[3])):
+        for factor, reference_factor in zip(
+            optimizer.kronecker_factors(module), reference_optimizer.kronecker_factors(reference_module), strict=True
+        ):
+            assert th.allclose(factor, reference_factor, rtol=1e-10, atol=1e-12)

@@ -7,17 +7,16 @@ gradient is vec(∇W) = ȳ ⊗ x, and its Fisher block E[(ȳȳᵀ) ⊗ (xxᵀ)] 
 G = E[ȳȳᵀ] (seed 002, "Calculating Natural Gradient Step with KFAC"). Row-major: ∇W has shape (out, in), so
 vec_row(∇W) = ȳ ⊗ x and the block is G ⊗ A; in the column-major convention of the papers it reads A ⊗ G.
 
-The statistics come from a separate "Fisher" backward pass (``update_statistics``) of a negative log-likelihood
-of targets sampled from the model (the *sampled* Fisher). Layer inputs are captured by forward hooks and output
-gradients by tensor hooks, only inside ``capture()`` and only during that pass, so the modules are not rewritten.
-Parameters outside a supported layer (e.g. a Gaussian ``log_std``) get a diagonal preconditioner.
+The statistics come from the backward pass of a negative log-likelihood of targets sampled from the model (the
+*sampled* Fisher). Forward hooks record the inputs and outputs of the K-FAC layers, only inside ``capture()``, so
+the modules are not rewritten; the output gradients ȳ are asked of autograd directly. Parameters outside a
+supported layer (e.g. a Gaussian ``log_std``) get a diagonal preconditioner.
 """
 
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch as th
@@ -45,8 +44,16 @@ class KFAC(Optimizer):
     """
     K-FAC with a trust region on the step's quadratic KL (the optimizer of ACKTR).
 
-    Use: forward the Fisher loss's inputs inside ``with optimizer.capture():``; call
-    ``optimizer.update_statistics(fisher_loss, batch_size)``; then ``loss.backward()`` and ``optimizer.step()``.
+    Two ways to feed it, both starting with the forward pass inside ``with optimizer.capture():``:
+
+    - ``optimizer.backward(loss, fisher_loss, batch_size)``, one backward pass for both losses. The captured
+      forward ran on the ``batch_size`` rows of the loss followed by the Fisher loss's rows (a copy of the batch or
+      of a subset). The rows' output gradients are told apart, so one pass gives the loss's gradient (into
+      ``.grad``) and the Fisher statistics. This is what ACKTR uses: it saves a backward pass over the network.
+    - ``optimizer.update_statistics(fisher_loss, batch_size)``, a separate Fisher pass over the captured forward,
+      then the ordinary ``loss.backward()``.
+
+    Then ``optimizer.step()``.
 
     Each step: the gradient (weight decay added, norm clipped) is preconditioned per layer, Δ = (G + √λ/π I)⁻¹ ∇W
     (A + π√λ I)⁻¹, computed in the factors' eigenbases (factored Tikhonov damping with the π-correction,
@@ -125,9 +132,8 @@ class KFAC(Optimizer):
             module.register_forward_hook(self._forward_hook)
         self.diagonal_params = [param for param in params if id(param) not in in_block]
         self._capturing = False
-        self._fisher_backward = False
-        self._inputs: dict[nn.Module, list[th.Tensor]] = {}
-        self._output_grads: dict[nn.Module, list[th.Tensor]] = {}
+        # (input, output) of each K-FAC layer call in the captured forward pass
+        self._calls: dict[nn.Module, list[tuple[th.Tensor, th.Tensor]]] = {}
         # Diagnostics of the last step, for logging
         self.step_scale = 1.0
         self.kl_estimate = 0.0
@@ -135,23 +141,15 @@ class KFAC(Optimizer):
     # --- statistics -------------------------------------------------------------------------------------------
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
-        if not self._capturing or not th.is_grad_enabled() or not output.requires_grad:
-            return
-        self._inputs.setdefault(module, []).append(inputs[0].detach())
-        output.register_hook(partial(self._output_grad_hook, module))
-
-    def _output_grad_hook(self, module: nn.Module, grad: th.Tensor) -> None:
-        # Ignore the ordinary loss's backward pass: only the Fisher pass feeds G
-        if self._fisher_backward:
-            self._output_grads.setdefault(module, []).append(grad.detach())
+        if self._capturing and th.is_grad_enabled() and output.requires_grad:
+            self._calls.setdefault(module, []).append((inputs[0].detach(), output))
 
     @contextmanager
     def capture(self) -> Iterator[None]:
         """
-        Record the inputs of the K-FAC layers during the forward passes inside this context.
+        Record the inputs and outputs of the K-FAC layers during the forward passes inside this context.
         """
-        self._inputs.clear()
-        self._output_grads.clear()
+        self._calls.clear()
         self._capturing = True
         try:
             yield
@@ -175,9 +173,7 @@ class KFAC(Optimizer):
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
             rows = layer_input.reshape(-1, layer_input.shape[-1])
-        if has_bias:
-            rows = th.cat([rows, th.ones_like(rows[:, :1])], dim=1)
-        return rows
+        return F.pad(rows, (0, 1), value=1.0) if has_bias else rows
 
     @staticmethod
     def _grad_rows(module: nn.Module, grad: th.Tensor) -> th.Tensor:
@@ -188,68 +184,149 @@ class KFAC(Optimizer):
             return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
         return grad.reshape(-1, grad.shape[-1])
 
-    def _running_average(self, state: dict[str, Any], key: str, new: th.Tensor, count: int) -> None:
-        # Debiased running average: decay min(stat_decay, 1 - 1/t), so early statistics are plain means
-        decay = min(self.stat_decay, 1.0 - 1.0 / count)
-        if key in state:
-            state[key].mul_(decay).add_(new, alpha=1.0 - decay)
-        else:
-            state[key] = new.clone()
+    def _captured_outputs(self) -> tuple[list[tuple[int, nn.Module, int]], list[th.Tensor]]:
+        """
+        :return: an index (block, module, call) of the captured layer calls, and their outputs in the same order
+        """
+        index, outputs = [], []
+        for block, (module, _, _) in enumerate(self.blocks):
+            for call, (_, output) in enumerate(self._calls.get(module, [])):
+                index.append((block, module, call))
+                outputs.append(output)
+        return index, outputs
 
     def update_statistics(self, fisher_loss: th.Tensor, batch_size: int) -> None:
         """
-        Backpropagate the Fisher loss and update the running Kronecker factors and diagonal statistics.
+        Backpropagate the Fisher loss through the captured forward pass and update the running statistics.
 
         ``fisher_loss`` must be a batch *mean* of per-sample negative log-likelihoods of targets sampled from the
-        model, computed from a forward pass inside ``capture()``. Per-sample output gradients are then
-        ``batch_size`` times the captured ones, and with rows over samples and locations:
-        A = mean_rows(a aᵀ) and G = batch_size · Σ_rows g gᵀ; for a convolution this is the KFC factorisation with
-        the number T of output locations carried by G (E[vec ∇W vec ∇Wᵀ] ≈ T·E[ggᵀ] ⊗ E[aaᵀ] under spatial homogeneity).
-        For a free parameter, batch_size·(mean gradient)² estimates its Fisher diagonal without bias, because the
-        score of sampled targets has mean zero.
+        model, computed from a forward pass inside ``capture()``. ``.grad`` is left untouched, and the graph is
+        kept for the ordinary loss's backward.
 
-        Statistics that are not finite are not recorded (with a warning). ``.grad`` is left untouched.
-
-        :param fisher_loss: the scalar Fisher loss (its graph is retained for the ordinary loss's backward)
+        :param fisher_loss: the scalar Fisher loss
         :param batch_size: the number of samples the loss averages over
         """
-        params = [param for group in self.param_groups for param in group["params"]]
-        self._fisher_backward = True
-        try:
-            grads = th.autograd.grad(fisher_loss, params, retain_graph=True, allow_unused=True)
-        finally:
-            self._fisher_backward = False
+        index, outputs = self._captured_outputs()
+        grads = th.autograd.grad(fisher_loss, [*outputs, *self.diagonal_params], retain_graph=True, allow_unused=True)
+        rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]] = {}
+        for (block, module, call), grad in zip(index, grads, strict=False):
+            if grad is not None:
+                inputs, output_grads = rows.setdefault(block, ([], []))
+                has_bias = self.blocks[block][2] is not None
+                inputs.append(self._layer_rows(module, self._calls[module][call][0], has_bias))
+                output_grads.append(self._grad_rows(module, grad))
+        self._record(rows, list(grads[len(outputs) :]), batch_size)
+        self._calls.clear()
+
+    def backward(self, loss: th.Tensor, fisher_loss: th.Tensor, batch_size: int) -> None:
+        """
+        One backward pass for the loss and the Fisher loss: accumulate ∇loss into ``.grad`` and update the statistics.
+
+        The forward pass inside ``capture()`` ran on the batch followed by the Fisher loss's rows (the batch again,
+        or a subset of it): ``loss`` is a function of the first ``batch_size`` rows, ``fisher_loss`` (a *mean* of
+        negative log-likelihoods of targets sampled from the model) of the others. Every layer sees each row
+        separately (no batch normalisation), so the output gradients of ``loss + fisher_loss`` are the loss's on
+        the first rows and the Fisher loss's on the others: a layer's weight gradient is (ȳ of the first rows)ᵀ·x,
+        one matrix product, and its factors come from the other rows. Free parameters mix the two sets of rows, so
+        their gradients come from two more (short) autograd calls.
+
+        :param loss: the scalar loss to minimise
+        :param fisher_loss: the scalar Fisher loss
+        :param batch_size: the number of leading rows that belong to ``loss``
+        """
+        index, outputs = self._captured_outputs()
+        free = self.diagonal_params
+        output_grads = th.autograd.grad(loss + fisher_loss, outputs, retain_graph=bool(free), allow_unused=True)
+        free_loss_grads = th.autograd.grad(loss, free, retain_graph=True, allow_unused=True) if free else ()
+        free_fisher_grads = th.autograd.grad(fisher_loss, free, allow_unused=True) if free else ()
+        rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]] = {}
+        block_grads: dict[int, th.Tensor] = {}
+        fisher_rows = {self._calls[module][call][0].shape[0] - batch_size for _, module, call in index}
+        if len(fisher_rows) != 1 or min(fisher_rows) < 1:
+            raise ValueError(
+                f"K-FAC.backward expects every layer to see the {batch_size} rows of the loss followed by the same "
+                f"number (>= 1) of Fisher rows, got {sorted(row + batch_size for row in fisher_rows)} rows"
+            )
         with th.no_grad():
-            skipped = 0
-            for module, weight, bias in self.blocks:
-                if module not in self._inputs or module not in self._output_grads:
-                    continue
-                rows = th.cat([self._layer_rows(module, x, bias is not None) for x in self._inputs[module]])
-                grad_rows = th.cat([self._grad_rows(module, g) for g in self._output_grads[module]])
-                factor_a = rows.T @ rows / rows.shape[0]
-                factor_g = batch_size * (grad_rows.T @ grad_rows)
-                if not (th.isfinite(factor_a).all() and th.isfinite(factor_g).all()):
-                    skipped += 1
-                    continue
-                state = self.state[weight]
-                state["stat_updates"] = state.get("stat_updates", 0) + 1
-                self._running_average(state, "A", factor_a, state["stat_updates"])
-                self._running_average(state, "G", factor_g, state["stat_updates"])
-            by_id = {id(param): grad for param, grad in zip(params, grads, strict=True)}
-            for param in self.diagonal_params:
-                grad = by_id[id(param)]
+            for (block, module, call), grad in zip(index, output_grads, strict=True):
                 if grad is None:
                     continue
-                if not th.isfinite(grad).all():
-                    skipped += 1
-                    continue
-                state = self.state[param]
+                layer_input = self._calls[module][call][0]
+                inputs = self._layer_rows(module, layer_input, self.blocks[block][2] is not None)
+                grad_rows = self._grad_rows(module, grad)
+                # Rows per sample: 1, or the output locations of a convolution
+                split = batch_size * (len(inputs) // len(layer_input))
+                loss_grad = grad_rows[:split].T @ inputs[:split]
+                block_grads[block] = block_grads[block] + loss_grad if block in block_grads else loss_grad
+                block_inputs, block_output_grads = rows.setdefault(block, ([], []))
+                block_inputs.append(inputs[split:])
+                block_output_grads.append(grad_rows[split:])
+            for block, block_grad in block_grads.items():
+                _, weight, bias = self.blocks[block]
+                if bias is None:
+                    self._accumulate_grad(weight, block_grad.reshape(weight.shape))
+                else:
+                    self._accumulate_grad(weight, block_grad[:, :-1].reshape(weight.shape))
+                    self._accumulate_grad(bias, block_grad[:, -1])
+            for param, grad in zip(free, free_loss_grads, strict=True):
+                if grad is not None:
+                    self._accumulate_grad(param, grad)
+            self._record(rows, list(free_fisher_grads), fisher_rows.pop())
+        self._calls.clear()
+
+    @staticmethod
+    def _accumulate_grad(param: nn.Parameter, grad: th.Tensor) -> None:
+        if param.grad is None:
+            param.grad = grad.contiguous()
+        else:
+            param.grad.add_(grad)
+
+    @th.no_grad()
+    def _record(
+        self,
+        rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]],
+        free_grads: list[th.Tensor | None],
+        batch_size: int,
+    ) -> None:
+        """
+        Update the running factors from the layers' input rows and Fisher output-gradient rows, and the free
+        parameters' Fisher diagonals from their Fisher-loss gradients.
+
+        Per-sample output gradients are ``batch_size`` times the captured ones (the Fisher loss is a batch mean),
+        and with rows over samples and locations: A = mean_rows(a aᵀ) and G = batch_size · Σ_rows g gᵀ; for a
+        convolution this is the KFC factorisation with the number T of output locations carried by G
+        (E[vec ∇W vec ∇Wᵀ] ≈ T·E[ggᵀ] ⊗ E[aaᵀ] under spatial homogeneity). For a free parameter,
+        batch_size·(mean gradient)² estimates its Fisher diagonal without bias, because the score of sampled
+        targets has mean zero. Statistics that are not finite are not recorded (with a warning).
+        """
+        updates: list[tuple[nn.Parameter, str, th.Tensor]] = []
+        for block, (inputs, output_grads) in rows.items():
+            layer_rows = inputs[0] if len(inputs) == 1 else th.cat(inputs)
+            grad_rows = output_grads[0] if len(output_grads) == 1 else th.cat(output_grads)
+            weight = self.blocks[block][1]
+            updates.append((weight, "A", layer_rows.T @ layer_rows / layer_rows.shape[0]))
+            updates.append((weight, "G", batch_size * (grad_rows.T @ grad_rows)))
+        for param, grad in zip(self.diagonal_params, free_grads, strict=True):
+            if grad is not None:
+                updates.append((param, "diag", batch_size * grad.detach() ** 2))
+        if not updates:
+            return
+        # One finiteness check for all statistics; only when it fails, find the culprits
+        if not bool(th.isfinite(th.stack(th._foreach_norm([new for _, _, new in updates]))).all()):
+            bad = {id(param) for param, _, new in updates if not bool(th.isfinite(new).all())}
+            warnings.warn(f"K-FAC: {len(bad)} non-finite statistics were not recorded", RuntimeWarning, stacklevel=3)
+            updates = [update for update in updates if id(update[0]) not in bad]
+        counted: set[int] = set()
+        for param, key, new in updates:
+            state = self.state[param]
+            if id(param) not in counted:
+                counted.add(id(param))
                 state["stat_updates"] = state.get("stat_updates", 0) + 1
-                self._running_average(state, "diag", batch_size * grad.detach() ** 2, state["stat_updates"])
-        self._inputs.clear()
-        self._output_grads.clear()
-        if skipped:
-            warnings.warn(f"K-FAC: {skipped} non-finite statistics were not recorded", RuntimeWarning, stacklevel=2)
+            # Debiased running average: decay min(stat_decay, 1 - 1/t), so early statistics are plain means
+            if key in state:
+                state[key].lerp_(new, 1.0 - min(self.stat_decay, 1.0 - 1.0 / state["stat_updates"]))
+            else:
+                state[key] = new
 
     def kronecker_factors(self, module: nn.Module) -> tuple[th.Tensor, th.Tensor]:
         """
@@ -294,67 +371,60 @@ class KFAC(Optimizer):
         eig_g = eig_g.clamp_min(self.eigenvalue_min)
         state.update(eig_A=eig_a, Q_A=basis_a, eig_G=eig_g, Q_G=basis_g)
         state["pi"] = math.sqrt(eig_a.mean().item() / eig_g.mean().item())
+        state.pop("inverse_eigenvalues", None)
         return True
 
-    def _gradients(self) -> dict[nn.Parameter, th.Tensor] | None:
+    @staticmethod
+    def _inverse_eigenvalues(state: dict[str, Any], damping: float) -> th.Tensor:
         """
-        :return: the gradients with weight decay and norm clipping applied, or None when one is not finite
+        :return: 1 / ((d_G + √λ/π)(d_A + π√λ)), the inverse of the damped block in the eigenbases (cached per λ)
         """
-        grads: dict[nn.Parameter, th.Tensor] = {}
-        for group in self.param_groups:
-            for param in group["params"]:
-                grad = th.zeros_like(param) if param.grad is None else param.grad.detach().clone()
-                if group["weight_decay"]:
-                    grad.add_(param.detach(), alpha=group["weight_decay"])
-                grads[param] = grad
-        if not all(bool(th.isfinite(grad).all()) for grad in grads.values()):
-            return None
-        if self.max_grad_norm is not None:
-            norm = th.linalg.vector_norm(th.stack([th.linalg.vector_norm(grad) for grad in grads.values()]))
-            if norm > self.max_grad_norm:
-                for grad in grads.values():
-                    grad.mul_(self.max_grad_norm / (norm + 1e-6))
-        return grads
+        if state.get("inverse_damping") != damping or "inverse_eigenvalues" not in state:
+            pi, root = state["pi"], math.sqrt(damping)
+            state["inverse_eigenvalues"] = 1.0 / th.outer(state["eig_G"] + root / pi, state["eig_A"] + pi * root)
+            state["inverse_damping"] = damping
+        return state["inverse_eigenvalues"]
 
-    def _precondition(
-        self, grads: dict[nn.Parameter, th.Tensor], damping: float, refresh: bool
-    ) -> dict[nn.Parameter, th.Tensor]:
+    def _precondition(self, grads: list[th.Tensor], damping: float, refresh: bool) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """
         Δ = F̂⁻¹ ∇ blockwise: (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹ for each layer, ∇ / (diag + λ) for free parameters.
 
         A block without statistics or eigendecomposition gets the damped gradient ∇/λ (F̂ = λI).
 
-        :param grads: the processed gradients
+        :param grads: the gradients, in the order of the parameter group
         :param damping: λ
         :param refresh: whether to recompute the eigendecompositions
-        :return: Δ for each parameter
+        :return: Δ for each parameter, in the same order, and the terms of ∇ᵀΔ (one per block or free parameter)
         """
-        directions: dict[nn.Parameter, th.Tensor] = {}
+        by_param = {param: grad for param, grad in zip(self.param_groups[0]["params"], grads, strict=True)}
+        quadratic_terms = []
         failed = 0
         for _, weight, bias in self.blocks:
             state = self.state[weight]
-            grad_w = grads[weight].reshape(weight.shape[0], -1)
-            grad = grad_w if bias is None else th.cat([grad_w, grads[bias].unsqueeze(1)], dim=1)
+            grad_w = by_param[weight].reshape(weight.shape[0], -1)
+            grad = grad_w if bias is None else th.cat([grad_w, by_param[bias].unsqueeze(1)], dim=1)
             if "A" in state and (refresh or "Q_A" not in state):
                 failed += not self._update_eigenbasis(state)
             if "Q_A" in state:
-                pi, root = state["pi"], math.sqrt(damping)
+                # In the eigenbases the damped Kronecker product is diagonal
                 basis_a, basis_g = state["Q_A"], state["Q_G"]
-                # In the eigenbases the damped Kronecker product is diagonal: divide by (d_G + √λ/π)(d_A + π√λ)
-                rotated = basis_g.T @ grad @ basis_a
-                rotated = rotated / ((state["eig_G"] + root / pi).unsqueeze(1) * (state["eig_A"] + pi * root).unsqueeze(0))
+                rotated_grad = basis_g.T @ grad @ basis_a
+                rotated = rotated_grad * self._inverse_eigenvalues(state, damping)
                 direction = basis_g @ rotated @ basis_a.T
+                quadratic_terms.append(th.vdot(rotated.flatten(), rotated_grad.flatten()))
             else:
                 direction = grad / damping
+                quadratic_terms.append(th.vdot(direction.flatten(), grad.flatten()))
             if bias is None:
-                directions[weight] = direction.reshape(weight.shape)
+                by_param[weight] = direction.reshape(weight.shape)
             else:
-                directions[weight] = direction[:, :-1].reshape(weight.shape)
-                directions[bias] = direction[:, -1].reshape(bias.shape)
+                by_param[weight] = direction[:, :-1].reshape(weight.shape)
+                by_param[bias] = direction[:, -1]
         for param in self.diagonal_params:
             state = self.state[param]
-            curvature = state["diag"] if "diag" in state else th.zeros_like(param)
-            directions[param] = grads[param] / (curvature + damping)
+            grad = by_param[param]
+            by_param[param] = grad / (state["diag"] + damping) if "diag" in state else grad / damping
+            quadratic_terms.append(th.vdot(by_param[param].flatten(), grad.flatten()))
         if failed:
             warnings.warn(
                 f"K-FAC: {failed} eigendecompositions failed; those layers keep their previous basis or use the damped "
@@ -362,7 +432,7 @@ class KFAC(Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return directions
+        return list(by_param.values()), quadratic_terms
 
     @th.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -379,42 +449,49 @@ class KFAC(Optimizer):
             with th.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        params: list[th.Tensor] = group["params"]
         lr, damping, kl_clip, momentum = group["lr"], group["damping"], group["kl_clip"], group["momentum"]
-        grads = self._gradients()
-        if grads is None:
+        grads = [th.zeros_like(param) if param.grad is None else param.grad for param in params]
+        if group["weight_decay"]:
+            grads = list(th._foreach_add(grads, params, alpha=group["weight_decay"]))
+        grad_norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grads))).item()
+        if not math.isfinite(grad_norm):
             warnings.warn("K-FAC: non-finite gradient, the step is skipped", RuntimeWarning, stacklevel=2)
             return loss
-        first = self.state[group["params"][0]]
+        # Clipping multiplies the gradient, hence Δ, by a constant: it is applied to the scale, not to the tensors
+        clip = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
+        first = self.state[params[0]]
         step = first.get("step_count", 0) + 1
 
         if step <= self.cold_iters:
             # Cold start: plain SGD (lr/3, as baselines) while the statistics warm up
-            directions, scale, lr = grads, 1.0, lr / 3.0
-            self.kl_estimate = float("nan")
+            directions, scale, lr = grads, clip, lr / 3.0
+            self.step_scale, self.kl_estimate = 1.0, float("nan")
         else:
             refresh = (step - self.cold_iters - 1) % self.inverse_update_freq == 0
-            directions = self._precondition(grads, damping, refresh)
-            # ΔᵀF̂Δ = Δᵀ∇ since Δ = F̂⁻¹∇
-            quadratic = sum(th.sum(directions[param] * grads[param]) for param in grads)
-            assert isinstance(quadratic, th.Tensor)
-            quadratic_value = quadratic.item()
-            if not math.isfinite(quadratic_value) or quadratic_value < 0:
+            directions, quadratic_terms = self._precondition(grads, damping, refresh)
+            # ΔᵀF̂Δ = Δᵀ∇ since Δ = F̂⁻¹∇ (with the clipped gradient c·∇, the quadratic is c²·Δᵀ∇)
+            quadratic = clip**2 * th.stack(quadratic_terms).sum().item()
+            if not math.isfinite(quadratic) or quadratic < 0:
                 warnings.warn("K-FAC: non-finite step, the step is skipped", RuntimeWarning, stacklevel=2)
                 return loss
             # η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))): the quadratic KL ½ lr² η² ΔᵀF̂Δ stays ≤ kl_clip (ACKTR, Sec. 3.1)
-            scale = 1.0 if quadratic_value == 0 or lr <= 0 else min(1.0, math.sqrt(2.0 * kl_clip / (lr**2 * quadratic_value)))
-            self.kl_estimate = 0.5 * lr**2 * scale**2 * quadratic_value
-        self.step_scale = scale
+            trust = 1.0 if quadratic == 0 or lr <= 0 else min(1.0, math.sqrt(2.0 * kl_clip / (lr**2 * quadratic)))
+            self.step_scale = trust
+            self.kl_estimate = 0.5 * lr**2 * trust**2 * quadratic
+            scale = clip * trust
 
-        for param, direction in directions.items():
-            state = self.state[param]
-            if momentum > 0:
+        if momentum > 0:
+            buffers = []
+            for param in params:
+                state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = th.zeros_like(param)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(momentum).add_(direction, alpha=scale)
-                param.add_(buffer, alpha=-lr)
-            else:
-                param.add_(direction, alpha=-lr * scale)
+                buffers.append(state["momentum_buffer"])
+            th._foreach_mul_(buffers, momentum)
+            th._foreach_add_(buffers, directions, alpha=scale)
+            th._foreach_add_(params, buffers, alpha=-lr)
+        else:
+            th._foreach_add_(params, directions, alpha=-lr * scale)
         first["step_count"] = step
         return loss

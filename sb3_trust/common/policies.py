@@ -49,6 +49,26 @@ def split_actor_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[nn.Pa
     return actor, critic
 
 
+def values_and_distribution(
+    policy: ActorCriticPolicy, obs: th.Tensor | dict[str, th.Tensor]
+) -> tuple[th.Tensor, Distribution]:
+    """
+    The critic's values and the actor's action distribution, from one forward pass of the policy.
+
+    :param policy: the policy
+    :param obs: observations
+    :return: values, action distribution
+    """
+    features = policy.extract_features(obs)
+    if policy.share_features_extractor:
+        latent_pi, latent_vf = policy.mlp_extractor(features)
+    else:
+        pi_features, vf_features = features
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+    return policy.value_net(latent_vf), policy._get_action_dist_from_latent(latent_pi)
+
+
 def evaluate_actions_with_distribution(
     policy: ActorCriticPolicy, obs: th.Tensor | dict[str, th.Tensor], actions: th.Tensor
 ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, Distribution]:
@@ -60,12 +80,5 @@ def evaluate_actions_with_distribution(
     :param actions: actions taken in those states
     :return: values, log-probabilities of the actions, entropy (None without a closed form), distribution
     """
-    features = policy.extract_features(obs)
-    if policy.share_features_extractor:
-        latent_pi, latent_vf = policy.mlp_extractor(features)
-    else:
-        pi_features, vf_features = features
-        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
-        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
-    distribution = policy._get_action_dist_from_latent(latent_pi)
-    return policy.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy(), distribution
+    values, distribution = values_and_distribution(policy, obs)
+    return values, distribution.log_prob(actions), distribution.entropy(), distribution
