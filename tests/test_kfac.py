@@ -110,9 +110,11 @@ def _tiny_network() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
 
 
-def _prepared(lr: float, kl_clip: float, damping: float = 0.1) -> tuple[nn.Sequential, KFAC, list[th.Tensor]]:
+def _prepared(
+    lr: float, kl_clip: float, damping: float = 0.1, momentum: float = 0.0
+) -> tuple[nn.Sequential, KFAC, list[th.Tensor]]:
     network = _tiny_network()
-    optimizer = KFAC(network, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, eigenvalue_min=1e-15)
+    optimizer = KFAC(network, lr=lr, momentum=momentum, damping=damping, kl_clip=kl_clip, eigenvalue_min=1e-15)
     generator = th.Generator().manual_seed(4)
     inputs = th.randn(64, 3, dtype=th.float64, generator=generator)
     _categorical_fisher_pass(optimizer, network, inputs, generator)
@@ -168,6 +170,21 @@ def test_trust_region_bounds_the_quadratic_kl() -> None:
     optimizer.step()
     assert optimizer.step_scale == 1.0
     assert optimizer.kl_estimate < 1.0
+
+
+def test_momentum_averages_the_bounded_steps() -> None:
+    # θ moves by lr·(1 - μ)·u with u ← μ·u + ηΔ (baselines): the first step is (1 - μ) times the momentum-free one,
+    # and repeated identical steps approach the momentum-free step, never exceeding it
+    plain, plain_optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3)
+    heavy, heavy_optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3, momentum=0.5)
+    start = [param.detach().clone() for param in plain.parameters()]
+    plain_optimizer.step()
+    bounded_step = [old - param.detach() for old, param in zip(start, plain.parameters(), strict=True)]
+    for expected_fraction in (0.5, 0.75, 0.875):
+        before = [param.detach().clone() for param in heavy.parameters()]
+        heavy_optimizer.step()  # the same gradient and statistics each time
+        for old, param, bounded in zip(before, heavy.parameters(), bounded_step, strict=True):
+            assert th.allclose(old - param, expected_fraction * bounded, rtol=1e-6, atol=1e-12)
 
 
 def test_cold_iterations_are_plain_sgd() -> None:

@@ -59,7 +59,9 @@ class KFAC(Optimizer):
     (A + π√λ I)⁻¹, computed in the factors' eigenbases (factored Tikhonov damping with the π-correction,
     Martens & Grosse 2015, Sec. 6.3); free parameters get Δ = ∇ / (diag F + λ). The step is scaled by
     η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))) so that the quadratic KL ½·lr²·η²·ΔᵀF̂Δ is at most ``kl_clip``;
-    then θ ← θ − lr·u with the momentum buffer u ← momentum·u + η Δ.
+    then θ ← θ − lr·(1 − momentum)·u with the momentum buffer u ← momentum·u + η Δ. The factor (1 − momentum), as in
+    OpenAI baselines and its PyTorch port, makes the steady-state step (u → ηΔ / (1 − momentum) for a constant ηΔ) the
+    trust-region step itself; without it, a momentum of 0.9 takes steps up to 10× the bounded one.
 
     ΔᵀF̂Δ is computed as Δᵀ∇: Δ = F̂⁻¹∇ exactly, for the damped block-diagonal K-FAC Fisher F̂ that is inverted,
     so Δᵀ∇ = ΔᵀF̂Δ without another product with F̂ (as in OpenAI baselines). It is ≥ 0 since F̂ is positive
@@ -490,7 +492,7 @@ class KFAC(Optimizer):
                 buffers.append(state["momentum_buffer"])
             th._foreach_mul_(buffers, momentum)
             th._foreach_add_(buffers, directions, alpha=scale)
-            th._foreach_add_(params, buffers, alpha=-lr)
+            th._foreach_add_(params, buffers, alpha=-lr * (1.0 - momentum))
         else:
             th._foreach_add_(params, directions, alpha=-lr * scale)
         first["step_count"] = step
