@@ -101,7 +101,6 @@ _ACKTR_ONLY = (
     "kfac_cold_iters",
     "kfac_momentum",
     "kfac_weight_decay",
-    "sub_sampling_factor",
 )
 # A2C's loss settings, whose defaults differ between the classes (n_steps 20 / 5, ent_coef 0.01 / 0, vf_coef 0.25 / 0.5)
 _A2C_SHARED = ("n_steps", "gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "normalize_advantage")

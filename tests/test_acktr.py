@@ -152,26 +152,6 @@ def test_save_and_load_restore_the_kfac_state(tmp_path: Path) -> None:
     assert all(th.isfinite(param).all() for param in loaded.policy.parameters())
 
 
-def test_sub_sampled_fisher_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The Fisher loss's rows are every third sample of the 2 x 8 = 16 of the rollout: 6 rows, and they set G's scale
-    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
-    model = ACKTR("MlpPolicy", env, sub_sampling_factor=3, **SMALL)
-    optimizer = model.policy.optimizer
-    assert isinstance(optimizer, KFAC)
-    fisher_rows: list[int] = []
-    record = optimizer._record
-
-    def spy(rows: dict, free_grads: list, batch_size: int) -> None:
-        fisher_rows.append(batch_size)
-        assert all(len(inputs[0]) == batch_size for inputs, _ in rows.values())
-        record(rows, free_grads, batch_size)
-
-    monkeypatch.setattr(optimizer, "_record", spy)
-    model.learn(32)
-    assert fisher_rows == [6, 6]
-    assert all(th.isfinite(param).all() for param in model.policy.parameters())
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -182,7 +162,6 @@ def test_sub_sampled_fisher_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
         dict(kfac_stat_decay=0.0),
         dict(kfac_inverse_update_freq=0),
         dict(kfac_momentum=1.0),
-        dict(sub_sampling_factor=0),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ def _categorical_fisher_pass(
     optimizer: KFAC, model: nn.Module, inputs: th.Tensor, generator: th.Generator
 ) -> tuple[th.Tensor, th.Tensor]:
     """
-    One sampled-Fisher statistics update for a categorical output.
+    One K-FAC backward pass (sampled-Fisher statistics for a categorical output, gradient of a squared loss).
 
     :return: the sampled actions and the per-sample score gradients with respect to the logits (softmax - onehot)
     """
@@ -23,7 +23,8 @@ def _categorical_fisher_pass(
     probs = th.softmax(logits.detach(), dim=-1)
     actions = th.multinomial(probs, 1, generator=generator).squeeze(-1)
     fisher_loss = -th.log_softmax(logits, dim=-1).gather(1, actions.unsqueeze(1)).mean()
-    optimizer.update_statistics(fisher_loss, batch_size=len(inputs))
+    optimizer.zero_grad()
+    optimizer.backward((logits**2).mean(), fisher_loss, batch_size=len(inputs))
     return actions, probs - nn.functional.one_hot(actions, probs.shape[1]).to(probs.dtype)
 
 
@@ -229,7 +230,7 @@ def test_non_finite_statistics_are_not_recorded() -> None:
     with optimizer.capture():
         logits = network(inputs)
     with pytest.warns(RuntimeWarning, match="non-finite statistics"):
-        optimizer.update_statistics(-th.log_softmax(logits[1:], dim=-1)[:, 0].mean(), batch_size=7)
+        optimizer.backward(logits[1:].sum(), -th.log_softmax(logits, dim=-1)[:, 0].mean(), batch_size=8)
     assert "A" not in optimizer.state[network[0].weight]
 
 
@@ -266,7 +267,8 @@ def test_free_parameters_get_a_diagonal_preconditioner() -> None:
     with optimizer.capture():
         distribution = th.distributions.Normal(model.mean(inputs), model.log_std.exp())
     actions = distribution.sample()
-    optimizer.update_statistics(-distribution.log_prob(actions).mean(), batch_size=len(inputs))
+    fisher_loss = -distribution.log_prob(actions).mean()
+    optimizer.backward((distribution.mean**2).mean(), fisher_loss, batch_size=len(inputs))
     # Fisher of a Gaussian's log σ is 2: batch_size·(mean score)² estimates it without bias, within noise
     assert 0.0 < optimizer.state[model.log_std]["diag"].item() < 20.0
     before = model.log_std.detach().clone()
@@ -320,91 +322,75 @@ def test_bad_hyperparameters(kwargs: dict) -> None:
         KFAC(nn.Linear(2, 2), **kwargs)
 
 
-def test_fused_backward_equals_separate_passes() -> None:
-    # A Gaussian policy head and a value head on a shared trunk, with a free log_std: the one-pass backward on the
-    # stacked rows gives the same gradients and statistics as a Fisher pass followed by loss.backward()
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
-            self.mean = nn.Linear(5, 2)
-            self.value = nn.Linear(5, 1)
-            self.log_std = nn.Parameter(th.tensor([0.1, -0.2], dtype=th.float64))
+class _ActorCritic(nn.Module):
+    """A Gaussian policy head and a value head on a shared trunk, with a free ``log_std``."""
 
-        def forward(self, inputs: th.Tensor) -> tuple[th.distributions.Normal, th.Tensor]:
-            hidden = self.trunk(inputs)
-            return th.distributions.Normal(self.mean(hidden), self.log_std.exp()), self.value(hidden).flatten()
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
+        self.mean = nn.Linear(5, 2)
+        self.value = nn.Linear(5, 1)
+        self.log_std = nn.Parameter(th.tensor([0.1, -0.2]))
 
+    def forward(self, inputs: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        hidden = self.trunk(inputs)
+        return self.mean(hidden), self.value(hidden).flatten()
+
+
+def test_backward_gives_autograd_gradients_and_the_fisher_statistics() -> None:
+    # KFAC.backward stops at the layers' outputs and forms the weight gradients itself: they equal autograd's, and
+    # the statistics are those of the Fisher loss's per-sample output gradients
     th.manual_seed(0)
-    separate, fused = Model().double(), Model().double()
-    fused.load_state_dict(separate.state_dict())
+    model, reference = _ActorCritic().double(), _ActorCritic().double()
+    reference.load_state_dict(model.state_dict())
     generator = th.Generator().manual_seed(6)
-    inputs = th.randn(12, 3, dtype=th.float64, generator=generator)
-    actions = th.randn(12, 2, dtype=th.float64, generator=generator)
-    returns = th.randn(12, dtype=th.float64, generator=generator)
-    fisher_inputs = inputs[::3]
-    sampled = th.randn(4, 2, dtype=th.float64, generator=generator)
-    noise = th.randn(4, dtype=th.float64, generator=generator)
+    inputs, actions = th.randn(12, 3, generator=generator).double(), th.randn(12, 2, generator=generator).double()
+    returns, noise = th.randn(12, generator=generator).double(), th.randn(12, 2, generator=generator).double()
 
-    def loss_of(distribution: th.distributions.Normal, values: th.Tensor) -> th.Tensor:
-        return -(returns * distribution.log_prob(actions).sum(-1)).mean() + ((values - returns) ** 2).mean()
+    def loss_of(model: _ActorCritic, mean: th.Tensor, values: th.Tensor) -> th.Tensor:
+        log_prob = th.distributions.Normal(mean, model.log_std.exp()).log_prob(actions).sum(-1)
+        return -(returns * log_prob).mean() + ((values - returns) ** 2).mean()
 
-    def fisher_loss_of(distribution: th.distributions.Normal, values: th.Tensor) -> th.Tensor:
-        log_prob = distribution.log_prob(distribution.mean.detach() + sampled).sum(-1)
-        return -log_prob.mean() + ((values - (values.detach() + noise)) ** 2).mean()
-
-    optimizer = KFAC(separate)
+    optimizer = KFAC(model)
     with optimizer.capture():
-        fisher_distribution, fisher_values = separate(fisher_inputs)
-    optimizer.update_statistics(fisher_loss_of(fisher_distribution, fisher_values), batch_size=len(fisher_inputs))
-    loss_of(*separate(inputs)).backward()
+        mean, values = model(inputs)
+    fisher_log_prob = th.distributions.Normal(mean, model.log_std.exp()).log_prob(mean.detach() + noise).sum(-1)
+    optimizer.backward(loss_of(model, mean, values), -fisher_log_prob.mean(), batch_size=12)
 
-    fused_optimizer = KFAC(fused)
-    with fused_optimizer.capture():
-        stacked_distribution, stacked_values = fused(th.cat([inputs, fisher_inputs]))
-    mean, std = stacked_distribution.mean, stacked_distribution.stddev
-    loss = loss_of(th.distributions.Normal(mean[:12], std[:12]), stacked_values[:12])
-    fisher_loss = fisher_loss_of(th.distributions.Normal(mean[12:], std[12:]), stacked_values[12:])
-    fused_optimizer.backward(loss, fisher_loss, batch_size=12)
+    loss_of(reference, *reference(inputs)).backward()
+    for param, reference_param in zip(model.parameters(), reference.parameters(), strict=True):
+        assert th.allclose(param.grad, reference_param.grad, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
+    # The mean head's G: per-sample scores of the Gaussian mean, -(â - μ)/σ² = -noise/σ², averaged as outer products
+    scores = -noise / model.log_std.detach().exp() ** 2
+    factor_a, factor_g = optimizer.kronecker_factors(model.mean)
+    hidden = model.trunk(inputs).detach()
+    assert th.allclose(factor_g, scores.T @ scores / 12, rtol=1e-10)
+    assert th.allclose(factor_a, _with_ones(hidden).T @ _with_ones(hidden) / 12, rtol=1e-10)
+    # log_std is a free parameter: batch_size·(mean Fisher-loss gradient)² is its diagonal statistic
+    variance = model.log_std.detach().exp() ** 2
+    log_std_score = (1 - noise**2 / variance).mean(0)  # d/dlog σ of -log N(μ + ε; μ, σ), averaged over the batch
+    assert th.allclose(optimizer.state[model.log_std]["diag"], 12 * log_std_score**2, rtol=1e-10)
+    # The value head gets no Fisher term here (its loss term is absent): no statistics for it
+    assert "A" not in optimizer.state[model.value.weight]
 
-    for param, fused_param in zip(separate.parameters(), fused.parameters(), strict=True):
-        assert th.allclose(param.grad, fused_param.grad, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
-        for key, value in optimizer.state[param].items():
-            fused_value = fused_optimizer.state[fused_param][key]
-            assert th.allclose(value, fused_value, rtol=1e-10, atol=1e-12) if th.is_tensor(value) else value == fused_value
-    assert "A" in optimizer.state[separate.mean.weight] and "diag" in optimizer.state[separate.log_std]
-    # Rows that do not split into the loss's and the Fisher loss's are refused
-    with fused_optimizer.capture():
-        stacked_distribution, _ = fused(inputs)
-    with pytest.raises(ValueError, match="Fisher rows"):
-        fused_optimizer.backward(stacked_distribution.mean.sum(), stacked_distribution.mean.sum(), batch_size=12)
+    # A forward pass on another number of rows is refused
+    with optimizer.capture():
+        mean, _ = model(inputs[:5])
+    with pytest.raises(ValueError, match="rows"):
+        optimizer.backward(mean.sum(), mean.sum(), batch_size=12)
 
 
-def test_fused_backward_of_a_convolution() -> None:
+def test_backward_of_a_convolution_gives_autograd_gradients() -> None:
     th.manual_seed(1)
     network = nn.Sequential(nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2))
     network = network.double()
     reference = copy.deepcopy(network)
     inputs = th.randn(6, 2, 8, 8, dtype=th.float64)
     targets = th.randn(6, 2, dtype=th.float64)
-
-    def fisher_loss_of(logits: th.Tensor) -> th.Tensor:
-        return -th.log_softmax(logits, dim=-1)[:, 1].mean()
-
     optimizer = KFAC(network)
     with optimizer.capture():
-        outputs = network(th.cat([inputs, inputs[::2]]))
-    optimizer.backward(((outputs[:6] - targets) ** 2).mean(), fisher_loss_of(outputs[6:]), batch_size=6)
-
-    reference_optimizer = KFAC(reference)
-    with reference_optimizer.capture():
-        reference_logits = reference(inputs[::2])
-    reference_optimizer.update_statistics(fisher_loss_of(reference_logits), batch_size=3)
+        outputs = network(inputs)
+    optimizer.backward(((outputs - targets) ** 2).mean(), -th.log_softmax(outputs, dim=-1)[:, 1].mean(), batch_size=6)
     ((reference(inputs) - targets) ** 2).mean().backward()
     for param, reference_param in zip(network.parameters(), reference.parameters(), strict=True):
         assert th.allclose(param.grad, reference_param.grad, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
-    for module, reference_module in ((network[0], reference[0]), (network[3], reference[3])):
-        for factor, reference_factor in zip(
-            optimizer.kronecker_factors(module), reference_optimizer.kronecker_factors(reference_module), strict=True
-        ):
-            assert th.allclose(factor, reference_factor, rtol=1e-10, atol=1e-12)

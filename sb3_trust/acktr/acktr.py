@@ -26,7 +26,7 @@ class ACKTR(TrustOnPolicyAlgorithm):
     joint model (the policy and a Gaussian around the value prediction), scaled so its quadratic KL stays below
     ``kfac_kl_clip``. The Fisher statistics come from the *sampled* Fisher loss
     ``-mean log π(â|s) + vf_fisher_coef·mean((v(s) - ŷ)²)`` with ``â ~ π(·|s)`` and ŷ = stopgrad(v(s) + N(0, 1)),
-    backpropagated in the same pass as the loss (the rollout is stacked twice, see ``KFAC.backward``).
+    backpropagated to the layers' outputs only (``KFAC.backward``).
     As in baselines, the value term's per-sample score is 2·vf_fisher_coef·ε (ε ~ N(0, 1)): the value head's
     Fisher is that of a unit-variance Gaussian weighted by (2·vf_fisher_coef)².
 
@@ -55,10 +55,6 @@ class ACKTR(TrustOnPolicyAlgorithm):
         K-FAC's curvature is usable from the first update; baselines uses 10 with zero-initialised statistics.
     :param kfac_momentum: Momentum of the scaled K-FAC step (baselines: 0.9)
     :param kfac_weight_decay: L2 coefficient added to the gradient before preconditioning
-    :param sub_sampling_factor: The Fisher statistics of an update are computed on every ``sub_sampling_factor``-th
-        sample of the (shuffled) rollout, as TRPO's Fisher-vector products are; 1 (default, the paper) uses all.
-        The statistics are running averages over many updates, so a subset costs little accuracy and saves most
-        of K-FAC's extra compute on large rollouts.
     :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
         instead of action noise exploration (default: False)
     :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
@@ -104,7 +100,6 @@ class ACKTR(TrustOnPolicyAlgorithm):
         kfac_cold_iters: int = 0,
         kfac_momentum: float = 0.9,
         kfac_weight_decay: float = 0.0,
-        sub_sampling_factor: int = 1,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
         rollout_buffer_class: type[RolloutBuffer] | None = None,
@@ -117,13 +112,7 @@ class ACKTR(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_positive(
-            n_steps=n_steps,
-            kfac_kl_clip=kfac_kl_clip,
-            kfac_damping=kfac_damping,
-            max_grad_norm=max_grad_norm,
-            sub_sampling_factor=sub_sampling_factor,
-        )
+        check_positive(n_steps=n_steps, kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping, max_grad_norm=max_grad_norm)
         if not callable(learning_rate):
             check_positive(learning_rate=learning_rate)
         if not 0 < kfac_stat_decay < 1:
@@ -166,7 +155,6 @@ class ACKTR(TrustOnPolicyAlgorithm):
         self.kfac_cold_iters = kfac_cold_iters
         self.kfac_momentum = kfac_momentum
         self.kfac_weight_decay = kfac_weight_decay
-        self.sub_sampling_factor = sub_sampling_factor
         if _init_setup_model:
             self._setup_model()
 
@@ -197,26 +185,10 @@ class ACKTR(TrustOnPolicyAlgorithm):
 
         samples = next(self.rollout_buffer.get(batch_size=None))
         actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
-        n_samples = len(actions)
-        # One forward and one backward pass serve the loss and the Fisher loss: the Fisher loss's states (every
-        # sub_sampling_factor-th of the shuffled rollout) are stacked below the batch (KFAC.backward tells the
-        # gradients of the two sets of rows apart)
-        observations = samples.observations
-        fisher_rows = slice(None, None, self.sub_sampling_factor)
-        stacked = (
-            {key: th.cat([value, value[fisher_rows]]) for key, value in observations.items()}
-            if isinstance(observations, dict)
-            else th.cat([observations, observations[fisher_rows]])
-        )
         with optimizer.capture():
-            all_values, distribution = values_and_distribution(self.policy, stacked)
-        all_values = all_values.flatten()
-        values, fisher_values = all_values[:n_samples], all_values[n_samples:]
-        # Actions sampled from the current policy, for the sampled Fisher (not the taken ones)
-        with th.no_grad():
-            sampled_actions = distribution.sample()[n_samples:]
-        log_prob_all = distribution.log_prob(th.cat([actions, sampled_actions.to(actions.dtype)]))
-        log_prob, fisher_log_prob = log_prob_all[:n_samples], log_prob_all[n_samples:]
+            values, distribution = values_and_distribution(self.policy, samples.observations)
+        values = values.flatten()
+        log_prob = distribution.log_prob(actions)
         entropy = distribution.entropy()
 
         advantages = samples.advantages
@@ -226,7 +198,7 @@ class ACKTR(TrustOnPolicyAlgorithm):
         # A2C's loss: -mean(log π(a|s) Â) + vf_coef·mean((R - v)²) - ent_coef·mean(entropy)
         policy_loss = -(advantages * log_prob).mean()
         value_loss = F.mse_loss(samples.returns, values)
-        entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy[:n_samples])
+        entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
         loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
 
         # Sampled Fisher of the joint model π(a|s)·N(y; v(s), σ²): a negative log-likelihood of targets drawn from
@@ -236,11 +208,13 @@ class ACKTR(TrustOnPolicyAlgorithm):
         # mean log π - mean (v - ŷ)²; the PyTorch port negates only the policy term, -mean log π - mean (v - ŷ)²,
         # ikostrikov/pytorch-a2c-ppo-acktr-gail#279.) The overall sign is irrelevant: K-FAC uses outer products.
         with th.no_grad():
-            value_targets = fisher_values + th.randn_like(fisher_values)
-        fisher_loss = -fisher_log_prob.mean() + self.vf_fisher_coef * th.mean((fisher_values - value_targets) ** 2)
+            sampled_actions = distribution.sample()
+            value_targets = values + th.randn_like(values)
+        fisher_loss = -distribution.log_prob(sampled_actions).mean()
+        fisher_loss = fisher_loss + self.vf_fisher_coef * th.mean((values - value_targets) ** 2)
 
         optimizer.zero_grad()
-        optimizer.backward(loss, fisher_loss, batch_size=n_samples)
+        optimizer.backward(loss, fisher_loss, batch_size=len(values))
         optimizer.step()
         self._n_updates += 1
 

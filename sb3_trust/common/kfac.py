@@ -44,24 +44,18 @@ class KFAC(Optimizer):
     """
     K-FAC with a trust region on the step's quadratic KL (the optimizer of ACKTR).
 
-    Two ways to feed it, both starting with the forward pass inside ``with optimizer.capture():``:
+    Use: run the forward pass inside ``with optimizer.capture():``, then ``optimizer.backward(loss, fisher_loss,
+    batch_size)`` (instead of ``loss.backward()``: it fills ``.grad`` and the statistics, see there), then
+    ``optimizer.step()``.
 
-    - ``optimizer.backward(loss, fisher_loss, batch_size)``, one backward pass for both losses. The captured
-      forward ran on the ``batch_size`` rows of the loss followed by the Fisher loss's rows (a copy of the batch or
-      of a subset). The rows' output gradients are told apart, so one pass gives the loss's gradient (into
-      ``.grad``) and the Fisher statistics. This is what ACKTR uses: it saves a backward pass over the network.
-    - ``optimizer.update_statistics(fisher_loss, batch_size)``, a separate Fisher pass over the captured forward,
-      then the ordinary ``loss.backward()``.
-
-    Then ``optimizer.step()``.
-
-    Each step: the gradient (weight decay added, norm clipped) is preconditioned per layer, Δ = (G + √λ/π I)⁻¹ ∇W
-    (A + π√λ I)⁻¹, computed in the factors' eigenbases (factored Tikhonov damping with the π-correction,
-    Martens & Grosse 2015, Sec. 6.3); free parameters get Δ = ∇ / (diag F + λ). The step is scaled by
-    η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))) so that the quadratic KL ½·lr²·η²·ΔᵀF̂Δ is at most ``kl_clip``;
-    then θ ← θ − lr·(1 − momentum)·u with the momentum buffer u ← momentum·u + η Δ. The factor (1 − momentum), as in
-    OpenAI baselines and its PyTorch port, makes the steady-state step (u → ηΔ / (1 − momentum) for a constant ηΔ) the
-    trust-region step itself; without it, a momentum of 0.9 takes steps up to 10× the bounded one.
+    Each step: the gradient (weight decay added, norm clipped) is preconditioned per layer,
+    Δ = (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹ (factored Tikhonov damping with the π-correction, Martens & Grosse 2015,
+    Sec. 6.3; the two damped inverses are built from the factors' eigendecompositions and kept between them); free
+    parameters get Δ = ∇ / (diag F + λ). The step is scaled by η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))) so that the
+    quadratic KL ½·lr²·η²·ΔᵀF̂Δ is at most ``kl_clip``; then θ ← θ − lr·(1 − momentum)·u with the momentum buffer
+    u ← momentum·u + η Δ. The factor (1 − momentum), as in OpenAI baselines and its PyTorch port, makes the
+    steady-state step (u → ηΔ / (1 − momentum) for a constant ηΔ) the trust-region step itself; without it, a
+    momentum of 0.9 takes steps up to 10× the bounded one.
 
     ΔᵀF̂Δ is computed as Δᵀ∇: Δ = F̂⁻¹∇ exactly, for the damped block-diagonal K-FAC Fisher F̂ that is inverted,
     so Δᵀ∇ = ΔᵀF̂Δ without another product with F̂ (as in OpenAI baselines). It is ≥ 0 since F̂ is positive
@@ -197,72 +191,38 @@ class KFAC(Optimizer):
                 outputs.append(output)
         return index, outputs
 
-    def update_statistics(self, fisher_loss: th.Tensor, batch_size: int) -> None:
-        """
-        Backpropagate the Fisher loss through the captured forward pass and update the running statistics.
-
-        ``fisher_loss`` must be a batch *mean* of per-sample negative log-likelihoods of targets sampled from the
-        model, computed from a forward pass inside ``capture()``. ``.grad`` is left untouched, and the graph is
-        kept for the ordinary loss's backward.
-
-        :param fisher_loss: the scalar Fisher loss
-        :param batch_size: the number of samples the loss averages over
-        """
-        index, outputs = self._captured_outputs()
-        grads = th.autograd.grad(fisher_loss, [*outputs, *self.diagonal_params], retain_graph=True, allow_unused=True)
-        rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]] = {}
-        for (block, module, call), grad in zip(index, grads, strict=False):
-            if grad is not None:
-                inputs, output_grads = rows.setdefault(block, ([], []))
-                has_bias = self.blocks[block][2] is not None
-                inputs.append(self._layer_rows(module, self._calls[module][call][0], has_bias))
-                output_grads.append(self._grad_rows(module, grad))
-        self._record(rows, list(grads[len(outputs) :]), batch_size)
-        self._calls.clear()
-
     def backward(self, loss: th.Tensor, fisher_loss: th.Tensor, batch_size: int) -> None:
         """
-        One backward pass for the loss and the Fisher loss: accumulate ∇loss into ``.grad`` and update the statistics.
+        Accumulate ∇loss into ``.grad`` and update the statistics from the Fisher loss (use instead of ``loss.backward()``).
 
-        The forward pass inside ``capture()`` ran on the batch followed by the Fisher loss's rows (the batch again,
-        or a subset of it): ``loss`` is a function of the first ``batch_size`` rows, ``fisher_loss`` (a *mean* of
-        negative log-likelihoods of targets sampled from the model) of the others. Every layer sees each row
-        separately (no batch normalisation), so the output gradients of ``loss + fisher_loss`` are the loss's on
-        the first rows and the Fisher loss's on the others: a layer's weight gradient is (ȳ of the first rows)ᵀ·x,
-        one matrix product, and its factors come from the other rows. Free parameters mix the two sets of rows, so
-        their gradients come from two more (short) autograd calls.
+        Both losses are functions of the forward pass captured inside ``capture()``, on ``batch_size`` rows;
+        ``fisher_loss`` is a *mean* of negative log-likelihoods of targets sampled from the model. Each loss is
+        backpropagated only down to the layers' outputs ȳ: a layer's gradient is then ȳᵀ·x (one matrix product)
+        and its factors come from x and the Fisher loss's ȳ, so the Fisher pass costs no weight gradients.
 
         :param loss: the scalar loss to minimise
         :param fisher_loss: the scalar Fisher loss
-        :param batch_size: the number of leading rows that belong to ``loss``
+        :param batch_size: the number of samples (rows) of the forward pass
         """
         index, outputs = self._captured_outputs()
+        captured_rows = {self._calls[module][call][0].shape[0] for _, module, call in index}
+        if captured_rows != {batch_size}:
+            raise ValueError(f"K-FAC.backward: the captured layers saw {sorted(captured_rows)} rows, not {batch_size}")
         free = self.diagonal_params
-        output_grads = th.autograd.grad(loss + fisher_loss, outputs, retain_graph=bool(free), allow_unused=True)
-        free_loss_grads = th.autograd.grad(loss, free, retain_graph=True, allow_unused=True) if free else ()
-        free_fisher_grads = th.autograd.grad(fisher_loss, free, allow_unused=True) if free else ()
+        loss_grads = th.autograd.grad(loss, [*outputs, *free], retain_graph=True, allow_unused=True)
+        fisher_grads = th.autograd.grad(fisher_loss, [*outputs, *free], allow_unused=True)
         rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]] = {}
         block_grads: dict[int, th.Tensor] = {}
-        fisher_rows = {self._calls[module][call][0].shape[0] - batch_size for _, module, call in index}
-        if len(fisher_rows) != 1 or min(fisher_rows) < 1:
-            raise ValueError(
-                f"K-FAC.backward expects every layer to see the {batch_size} rows of the loss followed by the same "
-                f"number (>= 1) of Fisher rows, got {sorted(row + batch_size for row in fisher_rows)} rows"
-            )
         with th.no_grad():
-            for (block, module, call), grad in zip(index, output_grads, strict=True):
-                if grad is None:
-                    continue
-                layer_input = self._calls[module][call][0]
-                inputs = self._layer_rows(module, layer_input, self.blocks[block][2] is not None)
-                grad_rows = self._grad_rows(module, grad)
-                # Rows per sample: 1, or the output locations of a convolution
-                split = batch_size * (len(inputs) // len(layer_input))
-                loss_grad = grad_rows[:split].T @ inputs[:split]
-                block_grads[block] = block_grads[block] + loss_grad if block in block_grads else loss_grad
-                block_inputs, block_output_grads = rows.setdefault(block, ([], []))
-                block_inputs.append(inputs[split:])
-                block_output_grads.append(grad_rows[split:])
+            for (block, module, call), loss_grad, fisher_grad in zip(index, loss_grads, fisher_grads, strict=False):
+                inputs = self._layer_rows(module, self._calls[module][call][0], self.blocks[block][2] is not None)
+                if loss_grad is not None:
+                    weight_grad = self._grad_rows(module, loss_grad).T @ inputs
+                    block_grads[block] = block_grads[block] + weight_grad if block in block_grads else weight_grad
+                if fisher_grad is not None:
+                    block_inputs, block_output_grads = rows.setdefault(block, ([], []))
+                    block_inputs.append(inputs)
+                    block_output_grads.append(self._grad_rows(module, fisher_grad))
             for block, block_grad in block_grads.items():
                 _, weight, bias = self.blocks[block]
                 if bias is None:
@@ -270,10 +230,10 @@ class KFAC(Optimizer):
                 else:
                     self._accumulate_grad(weight, block_grad[:, :-1].reshape(weight.shape))
                     self._accumulate_grad(bias, block_grad[:, -1])
-            for param, grad in zip(free, free_loss_grads, strict=True):
+            for param, grad in zip(free, loss_grads[len(outputs) :], strict=True):
                 if grad is not None:
                     self._accumulate_grad(param, grad)
-            self._record(rows, list(free_fisher_grads), fisher_rows.pop())
+            self._record(rows, list(fisher_grads[len(outputs) :]), batch_size)
         self._calls.clear()
 
     @staticmethod
@@ -373,19 +333,21 @@ class KFAC(Optimizer):
         eig_g = eig_g.clamp_min(self.eigenvalue_min)
         state.update(eig_A=eig_a, Q_A=basis_a, eig_G=eig_g, Q_G=basis_g)
         state["pi"] = math.sqrt(eig_a.mean().item() / eig_g.mean().item())
-        state.pop("inverse_eigenvalues", None)
+        state.pop("inverse_A", None)
         return True
 
     @staticmethod
-    def _inverse_eigenvalues(state: dict[str, Any], damping: float) -> th.Tensor:
+    def _damped_inverses(state: dict[str, Any], damping: float) -> tuple[th.Tensor, th.Tensor]:
         """
-        :return: 1 / ((d_G + √λ/π)(d_A + π√λ)), the inverse of the damped block in the eigenbases (cached per λ)
+        :return: (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, built from the eigendecompositions and kept until they or λ change
         """
-        if state.get("inverse_damping") != damping or "inverse_eigenvalues" not in state:
+        if state.get("inverse_damping") != damping or "inverse_A" not in state:
             pi, root = state["pi"], math.sqrt(damping)
-            state["inverse_eigenvalues"] = 1.0 / th.outer(state["eig_G"] + root / pi, state["eig_A"] + pi * root)
+            basis_a, basis_g = state["Q_A"], state["Q_G"]
+            state["inverse_A"] = (basis_a / (state["eig_A"] + pi * root)) @ basis_a.T
+            state["inverse_G"] = (basis_g / (state["eig_G"] + root / pi)) @ basis_g.T
             state["inverse_damping"] = damping
-        return state["inverse_eigenvalues"]
+        return state["inverse_A"], state["inverse_G"]
 
     def _precondition(self, grads: list[th.Tensor], damping: float, refresh: bool) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """
@@ -408,15 +370,12 @@ class KFAC(Optimizer):
             if "A" in state and (refresh or "Q_A" not in state):
                 failed += not self._update_eigenbasis(state)
             if "Q_A" in state:
-                # In the eigenbases the damped Kronecker product is diagonal
-                basis_a, basis_g = state["Q_A"], state["Q_G"]
-                rotated_grad = basis_g.T @ grad @ basis_a
-                rotated = rotated_grad * self._inverse_eigenvalues(state, damping)
-                direction = basis_g @ rotated @ basis_a.T
-                quadratic_terms.append(th.vdot(rotated.flatten(), rotated_grad.flatten()))
+                # The inverse of the damped Kronecker product is the Kronecker product of the damped inverses
+                inverse_a, inverse_g = self._damped_inverses(state, damping)
+                direction = inverse_g @ grad @ inverse_a
             else:
                 direction = grad / damping
-                quadratic_terms.append(th.vdot(direction.flatten(), grad.flatten()))
+            quadratic_terms.append(th.vdot(direction.flatten(), grad.flatten()))
             if bias is None:
                 by_param[weight] = direction.reshape(weight.shape)
             else:
