@@ -39,6 +39,9 @@ Modes:
     (``--threshold ENV=VALUE``; defaults in ``DEFAULT_THRESHOLDS``), the report gives for each run the first
     timestep at which the moving average of the training episode returns (the curve's smoothing) reaches it, the
     mean over seeds, and the ratio peer / ours (above 1: ours needs fewer steps).
+    With ``--resume``, a run whose JSON is already in ``<output>/runs/`` is read instead of run again, so an
+    interrupted benchmark picks up where it stopped and more seeds can be added to a folder; a saved run whose
+    settings differ from the command's is an error (choose another ``--output``).
 ``all``
     ``speed`` for every environment, then ``returns``.
 
@@ -347,10 +350,18 @@ def _normalize_kwargs(value: Any) -> dict[str, Any] | None:
 def class_defaults(class_path: str) -> dict[str, Any]:
     """
     :param class_path: dotted path of an algorithm class
-    :return: the default values of its constructor's keyword arguments
+    :return: the default values of its constructor's keyword arguments, including those a subclass passes on
+        through ``**kwargs`` (the nearest class in the MRO that names an argument gives its default)
     """
-    parameters = inspect.signature(resolve_class(class_path)).parameters
-    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    defaults: dict[str, Any] = {}
+    for cls in resolve_class(class_path).__mro__:
+        constructor = vars(cls).get("__init__")
+        if constructor is None:
+            continue
+        for name, parameter in inspect.signature(constructor).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults.setdefault(name, parameter.default)
+    return defaults
 
 
 def make_setting(
@@ -561,6 +572,54 @@ def learning_run(task: RunTask) -> dict[str, Any]:
         "eval_std": float(np.std(returns)),
     }
     _write_json(Path(task.output) / "runs" / f"{task.name}.json", result)
+    return result
+
+
+def _run_identity(task: RunTask) -> dict[str, Any]:
+    """
+    :param task: a learning run
+    :return: what a saved run must share with ``task`` to stand for it, in the form of the run's JSON
+    """
+    setting = task.setting
+    identity = {
+        "class": task.class_path,
+        "env": setting.env_id,
+        "seed": task.seed,
+        "timesteps": setting.timesteps,
+        "n_envs": setting.n_envs,
+        "policy": setting.policy,
+        "normalize": setting.normalize,
+        "hyperparameters": setting.side_kwargs(task.side),
+        "eval_episodes": task.eval_episodes,
+    }
+    return json.loads(json.dumps(identity, default=repr))
+
+
+def load_finished_run(task: RunTask) -> dict[str, Any] | None:
+    """
+    The saved result of a run, for ``--resume``.
+
+    :param task: a learning run
+    :return: the run's JSON from ``<output>/runs/``, or None when there is none
+    :raises ValueError: when the saved run was made with other settings
+    """
+    path = Path(task.output) / "runs" / f"{task.name}.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    expected = _run_identity(task)
+    saved = {key: result.get(key) for key in expected}
+    saved["eval_episodes"] = len(result.get("eval_returns", []))
+    # learn() stops at the first whole rollout past the requested timesteps
+    kwargs = task.setting.side_kwargs(task.side)
+    rollout = task.setting.n_envs * int(kwargs.get("n_steps", class_defaults(task.class_path)["n_steps"]))
+    if isinstance(saved["timesteps"], int) and 0 <= saved["timesteps"] - expected["timesteps"] < rollout:
+        saved["timesteps"] = expected["timesteps"]
+    differing = sorted(key for key in expected if saved[key] != expected[key])
+    if differing:
+        raise ValueError(
+            f"{path} was made with other settings ({', '.join(differing)} differ): use another --output, or remove it"
+        )
     return result
 
 
@@ -960,6 +1019,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default="benchmark_results", help="results folder (default: benchmark_results)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="returns mode: read the runs already saved in <output>/runs/ (same settings) instead of running them again",
+    )
+    parser.add_argument(
         "--hyperparams",
         nargs="+",
         type=key_value,
@@ -1068,7 +1132,13 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds
             for side in SIDES
         ]
-        results, errors = run_returns(tasks, args.jobs)
+        finished = [load_finished_run(task) for task in tasks] if args.resume else [None] * len(tasks)
+        for task, result in zip(tasks, finished, strict=True):
+            if result is not None:
+                _progress(f"{task.name}: finished run read from {task.output}/runs/")
+        missing = [task for task, result in zip(tasks, finished, strict=True) if result is None]
+        results, errors = run_returns(missing, args.jobs)
+        results += [result for result in finished if result is not None]
         for env_id, setting in settings.items():
             env_results = [r for r in results if r["env"] == env_id]
             env_errors = [error for error in errors if error.startswith(f"{args.algo}_{env_id}_")]

@@ -1,0 +1,54 @@
+"""The benchmark command: its sample-efficiency measure, a whole small run, and ``--resume``."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sb3_trust import benchmark
+
+
+def test_steps_to_threshold_uses_the_moving_average() -> None:
+    # Five returns of 0, then 100s: the 10-episode average first reaches 50 at the fifth 100 (t = 140), and 100
+    # once the window holds only 100s (t = 190)
+    episodes = [(10 * (i + 1), 0.0) for i in range(5)] + [(100 + 10 * i, 100.0) for i in range(10)]
+    assert benchmark.steps_to_threshold(episodes, 50.0) == 140
+    assert benchmark.steps_to_threshold(episodes, 100.0) == 190
+    assert benchmark.steps_to_threshold(episodes, 101.0) is None
+    assert benchmark.steps_to_threshold([], 0.0) is None
+
+
+def test_class_defaults_follow_kwargs_to_the_base_class() -> None:
+    # TRPO takes most of its arguments through **kwargs: their defaults are the base class's
+    defaults = benchmark.class_defaults("sb3_trust.TRPO")
+    assert defaults["n_steps"] == 2048
+    assert defaults["line_search_shrinking_factor"] == 0.8
+
+
+def _run(output: Path, *extra: str) -> int:
+    common = ["--algo", "trpo", "--env", "CartPole-v1", "--seeds", "0", "--timesteps", "1024", "--jobs", "1"]
+    return benchmark.main([*common, "--eval-episodes", "2", "--output", str(output), *extra])
+
+
+def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
+    assert _run(tmp_path, "--mode", "all", "--speed-updates", "1") == 0
+    report = (tmp_path / "trpo_CartPole-v1_all.md").read_text()
+    assert "ratio ours / peer" in report and "Ratio of the mean final eval returns" in report
+    assert "Sample efficiency: timesteps to reach a return of 475" in report
+    assert (tmp_path / "trpo_CartPole-v1_curve.png").stat().st_size > 0
+    runs = {side: tmp_path / "runs" / f"trpo_CartPole-v1_{side}_seed0.json" for side in ("ours", "peer")}
+    for side, path in runs.items():
+        result = json.loads(path.read_text())
+        assert result["side"] == side and result["timesteps"] == 1024 and len(result["eval_returns"]) == 2
+    written = {side: path.stat().st_mtime_ns for side, path in runs.items()}
+
+    # --resume reads the finished runs instead of running them again, and reports them the same way
+    assert _run(tmp_path, "--mode", "returns", "--resume") == 0
+    assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
+    assert "seed" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()
+
+    # a saved run made with other settings is not silently mixed in
+    with pytest.raises(ValueError, match="other settings"):
+        _run(tmp_path, "--mode", "returns", "--resume", "--hyperparams", "n_critic_updates=3")
+    with pytest.raises(ValueError, match="other settings"):
+        _run(tmp_path, "--mode", "returns", "--resume", "--eval-episodes", "3")
