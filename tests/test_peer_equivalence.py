@@ -55,7 +55,15 @@ def lockstep(n_updates: int, n_steps: int = 256, seed: int = 0, env_id: str = "H
     :param env_id: a continuous-control task
     :return: the per-update comparison
     """
+    threads = th.get_num_threads()
     th.set_num_threads(1)  # small products: more threads only compete for the cores
+    try:
+        return _lockstep(n_updates, n_steps, seed, env_id)
+    finally:
+        th.set_num_threads(threads)
+
+
+def _lockstep(n_updates: int, n_steps: int, seed: int, env_id: str) -> LockstepResult:
     env = VecNormalize(make_vec_env(env_id, n_envs=2, seed=seed), gamma=0.99)
     action_dim = env.action_space.shape[0]
     common = dict(n_steps=n_steps, batch_size=128, n_critic_updates=20, cg_max_steps=25, gae_lambda=0.95, seed=seed)
@@ -98,7 +106,9 @@ def lockstep(n_updates: int, n_steps: int = 256, seed: int = 0, env_id: str = "H
 
 
 def test_trpo_updates_equal_sb3_contrib_along_a_trajectory() -> None:
+    threads = th.get_num_threads()
     result = lockstep(6)
+    assert th.get_num_threads() == threads
     assert all(result.line_search_successes)
     # Same actor step (float32 round-off, amplified by CG on an ill-conditioned Fisher when it runs to its cap)
     assert max(result.step_differences) < 1e-3, result
