@@ -33,7 +33,8 @@ Modes:
     seed, in spawned worker processes, at most ``--jobs`` at a time, each with ``--threads`` torch threads.
     Each run records every finished training episode (timestep, return) and ends with ``--eval-episodes``
     deterministic episodes on a separate environment (seed + 10000) whose ``VecNormalize`` statistics are
-    copied from the training environment. Each run's JSON is written to ``<output>/runs/`` when it finishes.
+    copied from the training environment. Each run's JSON is written to ``<output>/runs/`` when it finishes;
+    a run already saved there is an error unless ``--resume`` reads it.
     The learning curves are drawn to ``<output>/<algo>_<env>_curve.png``. The wall times of these runs are
     taken in parallel and are no speed measurement. Sample efficiency: with a return threshold for the environment
     (``--threshold ENV=VALUE``; defaults in ``DEFAULT_THRESHOLDS``), the report gives for each run the first
@@ -270,6 +271,11 @@ class RunTask:
     def name(self) -> str:
         """File stem of the run's results."""
         return f"{self.algo}_{self.setting.env_id}_{self.side}_seed{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        """Where the finished run's JSON is saved."""
+        return Path(self.output) / "runs" / f"{self.name}.json"
 
 
 class EpisodeRecorder(BaseCallback):
@@ -571,7 +577,7 @@ def learning_run(task: RunTask) -> dict[str, Any]:
         "eval_mean": float(np.mean(returns)),
         "eval_std": float(np.std(returns)),
     }
-    _write_json(Path(task.output) / "runs" / f"{task.name}.json", result)
+    _write_json(task.result_path, result)
     return result
 
 
@@ -603,7 +609,7 @@ def load_finished_run(task: RunTask) -> dict[str, Any] | None:
     :return: the run's JSON from ``<output>/runs/``, or None when there is none
     :raises ValueError: when the saved run was made with other settings
     """
-    path = Path(task.output) / "runs" / f"{task.name}.json"
+    path = task.result_path
     if not path.exists():
         return None
     result = json.loads(path.read_text())
@@ -1132,6 +1138,13 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds
             for side in SIDES
         ]
+        saved = [str(task.result_path) for task in tasks if task.result_path.exists()]
+        if saved and not args.resume:
+            # Never overwrite finished runs: they may be hours of computation
+            raise FileExistsError(
+                f"{len(saved)} of these runs are already saved (e.g. {saved[0]}): add --resume to use them, or choose "
+                "another --output"
+            )
         finished = [load_finished_run(task) for task in tasks] if args.resume else [None] * len(tasks)
         for task, result in zip(tasks, finished, strict=True):
             if result is not None:

@@ -47,6 +47,11 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
     assert "seed" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()
 
+    # without --resume, saved runs are not overwritten
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(tmp_path, "--mode", "returns")
+    assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
+
     # a saved run made with other settings is not silently mixed in
     with pytest.raises(ValueError, match="other settings"):
         _run(tmp_path, "--mode", "returns", "--resume", "--hyperparams", "n_critic_updates=3")
