@@ -38,8 +38,8 @@ Modes:
     The learning curves are drawn to ``<output>/<algo>_<env>_curve.png``. The wall times of these runs are
     taken in parallel and are no speed measurement. Sample efficiency: with a return threshold for the environment
     (``--threshold ENV=VALUE``; defaults in ``DEFAULT_THRESHOLDS``), the report gives for each run the first
-    timestep at which the moving average of the training episode returns (the curve's smoothing) reaches it, the
-    mean over seeds, and the ratio peer / ours (above 1: ours needs fewer steps).
+    timestep at which the moving average of the training episode returns (the curve's smoothing, ``--smoothing``
+    episodes) reaches it, the mean over seeds, and the ratio peer / ours (above 1: ours needs fewer steps).
     With ``--resume``, a run whose JSON is already in ``<output>/runs/`` is read instead of run again, so an
     interrupted benchmark picks up where it stopped and more seeds can be added to a folder; a saved run whose
     settings differ from the command's is an error (choose another ``--output``).
@@ -657,53 +657,57 @@ def run_returns(tasks: list[RunTask], jobs: int) -> tuple[list[dict[str, Any]], 
     return results, errors
 
 
-def _moving_average(episodes: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+def _moving_average(episodes: Sequence[Sequence[float]], window: int) -> tuple[np.ndarray, np.ndarray]:
     """
     :param episodes: (timestep, return, ...) of the finished episodes, in order
+    :param window: number of episodes averaged
     :return: the timesteps at which the episodes finished, and after each episode the mean return of the last
-        ``SMOOTHING_EPISODES`` episodes (of all episodes so far, before there are that many)
+        ``window`` episodes (of all episodes so far, before there are that many)
     """
     timesteps = np.array([episode[0] for episode in episodes], dtype=float)
     returns = np.array([episode[1] for episode in episodes], dtype=float)
     cumulative = np.concatenate(([0.0], np.cumsum(returns)))
     counts = np.arange(1, len(returns) + 1)
-    window = np.minimum(counts, SMOOTHING_EPISODES)
-    return timesteps, (cumulative[counts] - cumulative[counts - window]) / window
+    lengths = np.minimum(counts, window)
+    return timesteps, (cumulative[counts] - cumulative[counts - lengths]) / lengths
 
 
-def _smoothed_curve(episodes: Sequence[Sequence[float]], grid: np.ndarray) -> np.ndarray:
+def _smoothed_curve(episodes: Sequence[Sequence[float]], grid: np.ndarray, window: int) -> np.ndarray:
     """
     :param episodes: (timestep, return, ...) of the finished episodes, in order
     :param grid: timesteps to sample the curve at
-    :return: at each grid timestep, the mean return of the last ``SMOOTHING_EPISODES`` episodes finished by then
+    :param window: number of episodes averaged
+    :return: at each grid timestep, the mean return of the last ``window`` episodes finished by then
         (NaN before the first)
     """
-    timesteps, smoothed = _moving_average(episodes)
+    timesteps, smoothed = _moving_average(episodes, window)
     index = np.searchsorted(timesteps, grid, side="right") - 1
     return np.where(index >= 0, smoothed[np.maximum(index, 0)], np.nan)
 
 
-def steps_to_threshold(episodes: Sequence[Sequence[float]], threshold: float) -> int | None:
+def steps_to_threshold(episodes: Sequence[Sequence[float]], threshold: float, window: int = SMOOTHING_EPISODES) -> int | None:
     """
     The sample-efficiency measure: when the learning curve first reaches a return.
 
     :param episodes: (timestep, return, ...) of the finished training episodes, in order
     :param threshold: the return to reach
+    :param window: number of episodes of the moving average
     :return: the first timestep at which the moving average of the training episode returns (the smoothing of the
         learning curves) is at least ``threshold``, or None when it never is
     """
     if not episodes:
         return None
-    timesteps, smoothed = _moving_average(episodes)
+    timesteps, smoothed = _moving_average(episodes, window)
     reached = np.flatnonzero(smoothed >= threshold)
     return int(timesteps[reached[0]]) if len(reached) else None
 
 
-def threshold_report(pair: Pair, setting: Setting, results: list[dict[str, Any]]) -> str:
+def threshold_report(pair: Pair, setting: Setting, results: list[dict[str, Any]], smoothing: int) -> str:
     """
     :param pair: the comparison
     :param setting: the shared setting, with a threshold
     :param results: results of the runs on this environment
+    :param smoothing: number of episodes of the moving average
     :return: the Markdown section of the steps to reach the threshold
     """
     assert setting.threshold is not None
@@ -713,7 +717,7 @@ def threshold_report(pair: Pair, setting: Setting, results: list[dict[str, Any]]
         if not runs:
             rows.append([f"{side}: {path}", "no finished run", "", ""])
             continue
-        steps = [steps_to_threshold(r["episodes"], setting.threshold) for r in runs]
+        steps = [steps_to_threshold(r["episodes"], setting.threshold, smoothing) for r in runs]
         # A run that never reached the threshold counts with its length: a lower bound of its steps to reach it
         bounded = [float(r["timesteps"]) if step is None else float(step) for r, step in zip(runs, steps, strict=True)]
         mean, std = _mean_std(bounded)
@@ -737,7 +741,7 @@ def threshold_report(pair: Pair, setting: Setting, results: list[dict[str, Any]]
     return "\n\n".join(
         [
             f"## Sample efficiency: timesteps to reach a return of {setting.threshold:g}",
-            f"First timestep at which the {SMOOTHING_EPISODES}-episode moving average of the training episode returns "
+            f"First timestep at which the {smoothing}-episode moving average of the training episode returns "
             "(the smoothing of the learning curves) reaches the threshold. A run that never reaches it counts with its "
             "length, so a mean marked ≥ is a lower bound.",
             markdown_table(
@@ -748,7 +752,7 @@ def threshold_report(pair: Pair, setting: Setting, results: list[dict[str, Any]]
     )
 
 
-def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], path: Path) -> bool:
+def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], path: Path, smoothing: int) -> bool:
     """
     Learning curves of both sides on one axis: mean over seeds of the smoothed curves, min-max shaded.
 
@@ -756,6 +760,7 @@ def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], pat
     :param setting: the shared setting
     :param results: results of the runs on this environment
     :param path: PNG file
+    :param smoothing: number of episodes of the moving average
     :return: whether a curve was drawn
     """
     import matplotlib
@@ -767,7 +772,7 @@ def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], pat
     figure, axis = plt.subplots(figsize=(7, 4.5))
     drawn = False
     for side, label in zip(SIDES, (pair.ours, pair.peer), strict=True):
-        curves = [_smoothed_curve(r["episodes"], grid) for r in results if r["side"] == side and r["episodes"]]
+        curves = [_smoothed_curve(r["episodes"], grid, smoothing) for r in results if r["side"] == side and r["episodes"]]
         if not curves:
             continue
         stacked = np.stack(curves)
@@ -784,7 +789,7 @@ def plot_curves(pair: Pair, setting: Setting, results: list[dict[str, Any]], pat
                 setting.threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {setting.threshold:g}"
             )
         axis.set_xlabel("timesteps")
-        axis.set_ylabel(f"training episode return ({SMOOTHING_EPISODES}-episode moving average)")
+        axis.set_ylabel(f"training episode return ({smoothing}-episode moving average)")
         axis.set_title(f"{setting.env_id}: {pair.ours} vs {pair.peer}")
         axis.grid(alpha=0.3)
         axis.legend()
@@ -871,13 +876,16 @@ def speed_report(pair: Pair, samples: list[SpeedSample], updates: int, threads: 
     )
 
 
-def returns_report(pair: Pair, setting: Setting, results: list[dict[str, Any]], errors: list[str], curve: str) -> str:
+def returns_report(
+    pair: Pair, setting: Setting, results: list[dict[str, Any]], errors: list[str], curve: str, smoothing: int
+) -> str:
     """
     :param pair: the comparison
     :param setting: the shared setting
     :param results: results of the runs on this environment
     :param errors: the runs on this environment that failed
     :param curve: file name of the learning-curve PNG, or "" without one
+    :param smoothing: number of episodes of the learning curves' moving average
     :return: the Markdown section of the returns mode
     """
     rows, means = [], {}
@@ -910,7 +918,7 @@ def returns_report(pair: Pair, setting: Setting, results: list[dict[str, Any]], 
         f"Ratio of the mean final eval returns, ours / peer: **{ratio}**",
     ]
     if setting.threshold is not None:
-        sections.append(threshold_report(pair, setting, results))
+        sections.append(threshold_report(pair, setting, results, smoothing))
     if errors:
         sections.append("Failed runs:\n\n" + "\n".join(f"- {error}" for error in errors))
     if curve:
@@ -1022,6 +1030,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="parallel learning runs (default: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     parser.add_argument("--eval-episodes", type=int, default=10, help="final evaluation episodes (default: 10)")
+    parser.add_argument(
+        "--smoothing",
+        type=int,
+        default=SMOOTHING_EPISODES,
+        metavar="EPISODES",
+        help=f"returns mode: episodes of the learning curves' moving average, which the threshold measure also uses "
+        f"(default: {SMOOTHING_EPISODES})",
+    )
     parser.add_argument("--output", default="benchmark_results", help="results folder (default: benchmark_results)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
@@ -1057,7 +1073,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + " (gymnasium's reward_threshold)",
     )
     args = parser.parse_args(argv)
-    for name in ("speed_updates", "jobs", "threads", "eval_episodes", "timesteps"):
+    for name in ("speed_updates", "jobs", "threads", "eval_episodes", "timesteps", "smoothing"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -1156,8 +1172,10 @@ def main(argv: list[str] | None = None) -> int:
             env_results = [r for r in results if r["env"] == env_id]
             env_errors = [error for error in errors if error.startswith(f"{args.algo}_{env_id}_")]
             curve = output / f"{args.algo}_{env_id}_curve.png"
-            drawn = plot_curves(pair, setting, env_results, curve)
-            sections[env_id].append(returns_report(pair, setting, env_results, env_errors, curve.name if drawn else ""))
+            drawn = plot_curves(pair, setting, env_results, curve, args.smoothing)
+            sections[env_id].append(
+                returns_report(pair, setting, env_results, env_errors, curve.name if drawn else "", args.smoothing)
+            )
 
     for env_id, setting in settings.items():
         report = "\n\n".join([_header(pair, args, argv, setting, date), *sections[env_id]]) + "\n"

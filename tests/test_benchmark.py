@@ -16,6 +16,9 @@ def test_steps_to_threshold_uses_the_moving_average() -> None:
     assert benchmark.steps_to_threshold(episodes, 100.0) == 190
     assert benchmark.steps_to_threshold(episodes, 101.0) is None
     assert benchmark.steps_to_threshold([], 0.0) is None
+    # A 5-episode window holds only 100s from the fifth 100 on (t = 140); 2 episodes reach 50 at the first 100
+    assert benchmark.steps_to_threshold(episodes, 100.0, window=5) == 140
+    assert benchmark.steps_to_threshold(episodes, 50.0, window=2) == 100
 
 
 def test_class_defaults_follow_kwargs_to_the_base_class() -> None:
@@ -46,6 +49,9 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     assert _run(tmp_path, "--mode", "returns", "--resume") == 0
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
     assert "seed" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()
+    # the report can be rebuilt with another smoothing of the curves and the threshold measure
+    assert _run(tmp_path, "--mode", "returns", "--resume", "--smoothing", "3") == 0
+    assert "3-episode moving average" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()
 
     # without --resume, saved runs are not overwritten
     with pytest.raises(FileExistsError, match="--resume"):
