@@ -1137,6 +1137,23 @@ def main(argv: list[str] | None = None) -> int:
         for env_id in args.env
     }
     sections: dict[str, list[str]] = {env_id: [] for env_id in args.env}
+    paths = dict(zip(SIDES, (pair.ours, pair.peer), strict=True))
+    tasks = [
+        RunTask(args.algo, side, paths[side], setting, seed, args.eval_episodes, args.device, args.threads, str(output))
+        for setting in settings.values()
+        for seed in args.seeds
+        for side in SIDES
+    ]
+    # Saved runs are checked before any measurement starts: never overwritten (hours of computation), and with
+    # --resume read now, so that one made with other settings stops the command at once
+    returns_mode = args.mode in ("returns", "all")
+    saved = [str(task.result_path) for task in tasks if task.result_path.exists()]
+    if returns_mode and saved and not args.resume:
+        raise FileExistsError(
+            f"{len(saved)} of these runs are already saved (e.g. {saved[0]}): add --resume to use them, or choose "
+            "another --output"
+        )
+    finished = [load_finished_run(task) for task in tasks] if returns_mode and args.resume else [None] * len(tasks)
 
     if args.mode in ("speed", "all"):
         th.set_num_threads(args.threads)
@@ -1146,22 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
             sections[env_id].append(speed_report(pair, samples, args.speed_updates, args.threads))
 
     errors: list[str] = []
-    if args.mode in ("returns", "all"):
-        paths = dict(zip(SIDES, (pair.ours, pair.peer), strict=True))
-        tasks = [
-            RunTask(args.algo, side, paths[side], setting, seed, args.eval_episodes, args.device, args.threads, str(output))
-            for setting in settings.values()
-            for seed in args.seeds
-            for side in SIDES
-        ]
-        saved = [str(task.result_path) for task in tasks if task.result_path.exists()]
-        if saved and not args.resume:
-            # Never overwrite finished runs: they may be hours of computation
-            raise FileExistsError(
-                f"{len(saved)} of these runs are already saved (e.g. {saved[0]}): add --resume to use them, or choose "
-                "another --output"
-            )
-        finished = [load_finished_run(task) for task in tasks] if args.resume else [None] * len(tasks)
+    if returns_mode:
         for task, result in zip(tasks, finished, strict=True):
             if result is not None:
                 _progress(f"{task.name}: finished run read from {task.output}/runs/")

@@ -53,10 +53,14 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     assert _run(tmp_path, "--mode", "returns", "--resume", "--smoothing", "3") == 0
     assert "3-episode moving average" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()
 
-    # without --resume, saved runs are not overwritten
-    with pytest.raises(FileExistsError, match="--resume"):
-        _run(tmp_path, "--mode", "returns")
+    # without --resume, saved runs are not overwritten, and --mode all stops before measuring the speed
+    speed = tmp_path / "trpo_CartPole-v1_speed.json"
+    speed_written = speed.stat().st_mtime_ns
+    for mode in ("returns", "all"):
+        with pytest.raises(FileExistsError, match="--resume"):
+            _run(tmp_path, "--mode", mode, "--speed-updates", "1")
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
+    assert speed.stat().st_mtime_ns == speed_written
 
     # a saved run made with other settings is not silently mixed in
     with pytest.raises(ValueError, match="other settings"):
