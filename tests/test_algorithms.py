@@ -1,5 +1,5 @@
 import copy
-import warnings
+import inspect
 from typing import Any
 
 import gymnasium as gym
@@ -187,6 +187,11 @@ def test_trpo_logs_expected_keys() -> None:
         (dict(n_steps=64, batch_size=48), "batch_size"),
         (dict(cg_damping=-0.1), "cg_damping"),
         (dict(n_critic_updates=0), "n_critic_updates"),
+        (dict(n_steps=64, batch_size=32.0), "batch_size"),
+        (dict(sub_sampling_factor=2.5), "sub_sampling_factor"),
+        (dict(n_steps=64, batch_size=32, sub_sampling_factor=65), "sub_sampling_factor"),
+        (dict(cg_tolerance=float("nan")), "cg_tolerance"),
+        (dict(cg_tolerance=-1.0), "cg_tolerance"),
     ],
 )
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -232,11 +237,53 @@ def test_non_finite_step_never_reaches_parameters(algo: type[NPG], monkeypatch: 
     model.learn(64)
     before = [p.detach().clone() for p in model.actor_parameters]
     monkeypatch.setattr(model, "_max_step_size", lambda quadratic_form: float("inf"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with pytest.warns(RuntimeWarning, match="step is not finite"):
         model.train()
     for old, new in zip(before, model.actor_parameters, strict=True):
         assert th.equal(old, new)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_skipped_update_says_why_and_logs_every_key(algo: type[NPG]) -> None:
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), normalize_advantage=False, **SMALL)
+    model.learn(64)
+    keys_of_an_update = set(model.logger.name_to_value)
+    model.logger.name_to_value.clear()
+    before = [p.detach().clone() for p in model.actor_parameters]
+    # A gradient at the scale of cg_tolerance: CG could not start, and the warning must say so (not "not finite")
+    model.rollout_buffer.advantages *= 1e-9
+    with pytest.warns(RuntimeWarning, match="cg_tolerance"):
+        model.train()
+    for old, new in zip(before, model.actor_parameters, strict=True):
+        assert th.equal(old, new)
+    train_keys = {key for key in keys_of_an_update if key.startswith("train/")}
+    assert train_keys <= set(model.logger.name_to_value)
+    assert model.logger.name_to_value["train/cg_iterations"] == 0
+    assert model.logger.name_to_value["train/step_size"] == 0.0
+
+
+def test_trpo_signature_is_sb3_contribs() -> None:
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    peer_parameters = list(inspect.signature(sb3_contrib.TRPO.__init__).parameters)
+    ours = list(inspect.signature(TRPO.__init__).parameters)
+    assert [name for name in ours if name != "cg_tolerance"] == peer_parameters
+    for name in peer_parameters[3:-1]:
+        assert (
+            inspect.signature(TRPO.__init__).parameters[name].default
+            == inspect.signature(sb3_contrib.TRPO.__init__).parameters[name].default
+        ), name
+    model = TRPO("MlpPolicy", "CartPole-v1", 3e-4, 64, 32, 0.9, 5, 0.2, 0.5, 3, _init_setup_model=False)
+    settings = (model.n_steps, model.batch_size, model.gamma, model.cg_max_steps, model.cg_damping)
+    assert model.learning_rate == 3e-4 and settings == (64, 32, 0.9, 5, 0.2)
+    assert (model.line_search_shrinking_factor, model.line_search_max_iter) == (0.5, 3)
+
+
+@pytest.mark.parametrize("algo", [NPG, TRPO, PPOKL])
+def test_load_checks_the_rollout_of_the_new_env(algo: type[NPG], tmp_path: Any) -> None:
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=32, batch_size=64, seed=0)
+    model.save(tmp_path / "model")
+    with pytest.raises(ValueError, match="batch_size"):
+        algo.load(tmp_path / "model", env=make_vec_env("CartPole-v1", n_envs=1, seed=0))
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

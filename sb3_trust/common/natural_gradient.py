@@ -54,6 +54,17 @@ def check_positive(**values: float) -> None:
             raise ValueError(f"`{name}` must be positive, got {value}")
 
 
+def check_positive_integer(**values: int) -> None:
+    """
+    :param values: named counts that must be integers > 0 (a float such as 64.0 is refused: it would only fail
+        later, inside ``train()``)
+    :raises ValueError: naming the first that is not
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not value > 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
 class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     """
     Base of the natural-gradient algorithms (NPG, TRPO).
@@ -77,7 +88,6 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     :param gamma: Discount factor
     :param cg_max_steps: Maximum number of conjugate-gradient iterations for F⁻¹ g
     :param cg_damping: Damping λ added to the Fisher matrix (F + λI) in the conjugate gradient
-    :param cg_tolerance: The conjugate gradient stops once the squared residual norm is below this
     :param n_critic_updates: Number of epochs of critic regression per rollout
     :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator
     :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
@@ -90,6 +100,8 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     :param target_kl: The trust region δ: the bound on the mean KL(π_old ‖ π_new) of one update
     :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
         (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
+    :param cg_tolerance: The conjugate gradient stops once the squared residual norm ‖g - (F + λI)s‖² is below
+        this (an absolute tolerance, as sb3-contrib's); an update whose gradient has ‖g‖² at or below it is skipped
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -113,7 +125,6 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         gamma: float = 0.99,
         cg_max_steps: int = 15,
         cg_damping: float = 0.1,
-        cg_tolerance: float = 1e-10,
         n_critic_updates: int = 10,
         gae_lambda: float = 0.95,
         use_sde: bool = False,
@@ -123,6 +134,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         normalize_advantage: bool = True,
         target_kl: float = 0.01,
         sub_sampling_factor: int = 1,
+        cg_tolerance: float = 1e-10,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -131,10 +143,12 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_positive(target_kl=target_kl, cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
-        check_positive(n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
-        if cg_damping < 0 or not np.isfinite(cg_damping):
-            raise ValueError(f"`cg_damping` must be a finite number >= 0, got {cg_damping}")
+        check_positive(target_kl=target_kl)
+        check_positive_integer(cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
+        check_positive_integer(n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
+        for name, value in (("cg_damping", cg_damping), ("cg_tolerance", cg_tolerance)):
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
         super().__init__(
             policy,
             env,
@@ -167,13 +181,29 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
 
-        self._check_batch_size()
         if _init_setup_model:
             self._setup_model()
 
+    def _check_rollout_size(self) -> None:
+        """
+        :raises ValueError: when ``batch_size`` does not divide the rollout, or the Fisher sub-sample would be
+            empty
+        """
+        self._check_batch_size()
+        if self.env is not None and self.sub_sampling_factor > self.env.num_envs * self.n_steps:
+            raise ValueError(
+                f"`sub_sampling_factor` ({self.sub_sampling_factor}) exceeds the rollout size n_steps * n_envs "
+                f"= {self.env.num_envs * self.n_steps}: the Fisher matrix would be estimated on no state"
+            )
+
     def _setup_model(self) -> None:
+        # Here rather than in the constructor, so that load() checks the rollout of the environment it is given
+        self._check_rollout_size()
         super()._setup_model()
         self.actor_parameters, self.critic_parameters = split_actor_critic_parameters(self.policy)
+        if not self.critic_parameters:
+            # Nothing to regress (the value prediction has no trainable parameter of its own): SB3's optimizer stays
+            return
         # The critic's own optimizer replaces the policy's, so it is saved and loaded as `policy.optimizer`.
         # Its hundreds of small steps per update are dominated by per-step overhead: plain Adam becomes LeanAdam
         # (torch's fused kernel, called directly), unless the user chose an implementation.
@@ -206,18 +236,19 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         direction, quadratic_form = self._natural_gradient_direction(gradient, fisher)
         del fisher, evaluation
 
-        # 3. Step rule
-        if direction is None:
-            step = PolicyStep(0.0, 0.0, 0.0, 0, False)
-        else:
-            step = self._take_step(surrogate, direction, quadratic_form, objective_before)
+        # 3. Step rule, from the step α = sqrt(2δ / sᵀFs) that the quadratic KL model puts at the trust region's edge
+        step = PolicyStep(0.0, 0.0, 0.0, 0, False)
+        if direction is not None:
+            max_step_size = self._max_step_size(quadratic_form)
+            if not bool(th.isfinite(self._actor_parameters_vector() + max_step_size * direction).all()):
+                self._skip_update("the natural-gradient step is not finite")
+            else:
+                step = self._take_step(surrogate, direction, max_step_size, objective_before)
+        self._record_step(step)
 
         value_loss = self._update_critic(samples)
         self._n_updates += 1
 
-        self.logger.record("train/kl_divergence", step.kl)
-        self.logger.record("train/policy_objective", step.objective_gain)
-        self.logger.record("train/step_size", step.step_size)
         self.logger.record("train/value_loss", value_loss)
         self.logger.record(
             "train/explained_variance",
@@ -261,11 +292,15 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         :param fisher: the damped Fisher-vector product
         :return: the direction s and sᵀ(F + λI)s, or (None, 0) when the update must be skipped
         """
+        gradient_norm_sq = th.dot(gradient, gradient).item()
+        # Skipped updates log the residual of s = 0, which is g itself
+        self.logger.record("train/cg_iterations", 0)
+        self.logger.record("train/cg_residual", float(np.sqrt(gradient_norm_sq)))
         if not bool(th.isfinite(gradient).all()):
             self._skip_update("the policy gradient is not finite")
             return None, 0.0
-        if not bool(gradient.any()):
-            self._skip_update("the policy gradient is zero")
+        if not gradient_norm_sq > self.cg_tolerance:
+            self._skip_update(f"the policy gradient's squared norm {gradient_norm_sq:.3g} is not above `cg_tolerance`")
             return None, 0.0
         result = conjugate_gradient(fisher, gradient, self.cg_max_steps, self.cg_tolerance)
         self.logger.record("train/cg_iterations", result.iterations)
@@ -298,17 +333,27 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     @abstractmethod
     def _take_step(
-        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, quadratic_form: float, objective_before: float
+        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
     ) -> PolicyStep:
         """
         Move the actor parameters along the natural-gradient direction.
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀ(F + λI)s
+        :param max_step_size: α = sqrt(2δ / sᵀ(F + λI)s), with which θ_old + α s is known to be finite
         :param objective_before: L(θ_old)
         :return: what was done
         """
+
+    def _record_step(self, step: PolicyStep) -> None:
+        """
+        Log what the step rule did (also when the update was skipped, so every update logs the same keys).
+
+        :param step: the step taken, or the zero step of a skipped update
+        """
+        self.logger.record("train/kl_divergence", step.kl)
+        self.logger.record("train/policy_objective", step.objective_gain)
+        self.logger.record("train/step_size", step.step_size)
 
     def _record_distribution_stats(self, distribution: Any) -> None:
         with th.no_grad():

@@ -29,23 +29,18 @@ class NPG(NaturalGradientAlgorithm):
     }
 
     def _take_step(
-        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, quadratic_form: float, objective_before: float
+        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
     ) -> PolicyStep:
         """
         The closed-form natural-gradient step θ ← θ_old + sqrt(2δ / sᵀFs) · s.
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀ(F + λI)s
+        :param max_step_size: α = sqrt(2δ / sᵀ(F + λI)s)
         :param objective_before: L(θ_old)
         :return: the step taken, with its realised KL and surrogate gain
         """
-        step_size = self._max_step_size(quadratic_form)
-        new_parameters = self._actor_parameters_vector() + step_size * direction
-        if not bool(th.isfinite(new_parameters).all()):
-            self._skip_update("the natural-gradient step is not finite")
-            return PolicyStep(0.0, 0.0, 0.0, 0, False)
-        self._set_actor_parameters(new_parameters)
+        self._set_actor_parameters(self._actor_parameters_vector() + max_step_size * direction)
         with th.no_grad():
             evaluation = surrogate.evaluate()
-        return PolicyStep(step_size, evaluation.kl.item(), evaluation.objective.item() - objective_before, 0, True)
+        return PolicyStep(max_step_size, evaluation.kl.item(), evaluation.objective.item() - objective_before, 0, True)

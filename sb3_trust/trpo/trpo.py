@@ -4,11 +4,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from sb3_trust.common.line_search import backtracking_line_search
-from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep
+from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep, check_positive_integer
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate
 from sb3_trust.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
@@ -23,13 +24,11 @@ class TRPO(NaturalGradientAlgorithm):
 
     Paper: https://arxiv.org/abs/1502.05477
 
-    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
-    :param env: The environment to learn from (if registered in Gym, can be str)
+    The parameters, their order and their defaults are sb3-contrib's TRPO's (``cg_tolerance`` added); all but the
+    line search's are documented in :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`.
+
     :param line_search_shrinking_factor: ρ in (0, 1): each line-search step is ρ times the previous one
     :param line_search_max_iter: The maximum number of step sizes the line search tries
-    :param kwargs: every other parameter is that of
-        :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm` (``learning_rate``, ``n_steps``,
-        ``batch_size``, ``target_kl``, ``cg_max_steps``, ...), with the same defaults as sb3-contrib's TRPO
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -42,53 +41,100 @@ class TRPO(NaturalGradientAlgorithm):
         self,
         policy: str | type[ActorCriticPolicy],
         env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
-        **kwargs: Any,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        cg_tolerance: float = 1e-10,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
     ):
         if not 0.0 < line_search_shrinking_factor < 1.0:
             raise ValueError(f"`line_search_shrinking_factor` must be in (0, 1), got {line_search_shrinking_factor}")
-        if line_search_max_iter < 1:
-            raise ValueError(f"`line_search_max_iter` must be at least 1, got {line_search_max_iter}")
+        check_positive_integer(line_search_max_iter=line_search_max_iter)
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
-        super().__init__(policy, env, **kwargs)
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
+            cg_tolerance=cg_tolerance,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=_init_setup_model,
+        )
 
     def _take_step(
-        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, quadratic_form: float, objective_before: float
+        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
     ) -> PolicyStep:
         """
         Line search along s from the step that the quadratic KL model puts at the trust region's edge.
 
         :param surrogate: the surrogate of this update, frozen at θ_old
         :param direction: s ≈ (F + λI)⁻¹ g
-        :param quadratic_form: sᵀ(F + λI)s
+        :param max_step_size: α = sqrt(2δ / sᵀ(F + λI)s), the first step size tried
         :param objective_before: L(θ_old)
         :return: the accepted step, or a zero step when the line search failed
         """
         old_parameters = self._actor_parameters_vector()
 
         def evaluate(step_size: float) -> tuple[float, float]:
-            candidate = old_parameters + step_size * direction
-            if not bool(th.isfinite(candidate).all()):
-                return float("nan"), float("nan")
-            self._set_actor_parameters(candidate)
+            self._set_actor_parameters(old_parameters + step_size * direction)
             with th.no_grad():
                 evaluation = surrogate.evaluate()
             return evaluation.objective.item(), evaluation.kl.item()
 
         result = backtracking_line_search(
             evaluate,
-            self._max_step_size(quadratic_form),
+            max_step_size,
             objective_before,
             self.target_kl,
             self.line_search_shrinking_factor,
             self.line_search_max_iter,
         )
-        self.logger.record("train/line_search_steps", result.n_evaluations)
-        self.logger.record("train/is_line_search_success", float(result.accepted))
         if not result.accepted:
             self._set_actor_parameters(old_parameters)
             return PolicyStep(0.0, 0.0, 0.0, result.n_evaluations, False)
         gain = result.objective - objective_before
         return PolicyStep(result.step_size, result.kl, float(np.float64(gain)), result.n_evaluations, True)
+
+    def _record_step(self, step: PolicyStep) -> None:
+        super()._record_step(step)
+        self.logger.record("train/line_search_steps", step.line_search_steps)
+        self.logger.record("train/is_line_search_success", float(step.accepted))
