@@ -364,6 +364,9 @@ def test_progress_bar_and_callbacks(algo: type[NPG]) -> None:
 
         def _on_rollout_end(self) -> None:
             self.rollouts += 1
+            # Filled in by the batched pass at the rollout's end, before this call (as the quick start says)
+            buffer = self.model.rollout_buffer
+            assert np.all(buffer.values != 0.0) and np.all(buffer.log_probs < 0.0)
 
     callback = CountingCallback()
     small = {key: value for key, value in SMALL.items() if key != "n_critic_updates"}
