@@ -15,7 +15,9 @@ same hyperparameters (``--hyperparams key=value ...`` overrides them for both) a
 environments (``make_vec_env``, plus ``VecNormalize`` with the algorithm's gamma when the config normalizes).
 The exceptions are a pair's ``ours_only`` keys, arguments that only our class understands or that mean something
 else to the peer: they are given to ours alone (the peer keeps its own class default unless ``--peer-hyperparams``
-sets them), and the report lists them with the peer's defaults. A pair's ``shared_defaults`` keys are given to both
+sets them), and the report lists them with the peer's defaults. A pair's ``per_dimension`` keys are those the
+peer reads per action dimension (sb3-contrib's TRPO averages its KL over them): the peer gets ours divided by the
+number of action dimensions, so that both run the same trust region. A pair's ``shared_defaults`` keys are given to both
 with our class's default when neither the config nor ``--hyperparams`` sets them, so that the two classes'
 different defaults do not make the settings differ.
 
@@ -70,8 +72,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import gymnasium as gym
 import numpy as np
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -81,10 +85,13 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_nor
 from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters
 
 _KL_NOTE = (
-    "`target_kl` is passed unchanged to both, but sb3_trust bounds the mean KL of the joint action distribution "
-    "while sb3-contrib's TRPO averages the KL over the action dimensions: with a d-dimensional Box action space "
-    "the peer's trust region is about d times wider (use `--peer-hyperparams target_kl=...` to match them)."
+    "sb3_trust bounds the mean KL of the joint action distribution, while sb3-contrib's TRPO averages its KL (and so "
+    "its Fisher matrix, to which it adds `cg_damping`) over the d dimensions of a Box or MultiBinary action space: "
+    "the peer gets our `target_kl` and `cg_damping` divided by d, the same trust region and the same direction "
+    "(`--peer-hyperparams` overrides them)."
 )
+# The keys that the per-dimension KL convention of sb3-contrib's TRPO rescales
+_PER_DIMENSION_KEYS = ("target_kl", "cg_damping")
 # PPOKL's adaptive-penalty arguments: SB3's PPO has no penalty, and its `target_kl` would stop the epochs early
 _PPOKL_ONLY = ("target_kl", "kl_coef", "kl_tolerance", "kl_coef_factor", "kl_coef_min", "kl_coef_max")
 _PPOKL_NOTE = (
@@ -132,6 +139,8 @@ class Pair(NamedTuple):
         the report
     :param shared_defaults: algorithm keyword arguments given to both sides with our class's default when neither
         the config nor ``--hyperparams`` sets them (the two classes' defaults differ)
+    :param per_dimension: algorithm keyword arguments that the peer reads per action dimension: it gets ours (the
+        config's, else our class's default) divided by the number of action dimensions (``action_dimensions``)
     """
 
     ours: str
@@ -140,11 +149,12 @@ class Pair(NamedTuple):
     note: str = ""
     ours_only: tuple[str, ...] = ()
     shared_defaults: tuple[str, ...] = ()
+    per_dimension: tuple[str, ...] = ()
 
 
 PAIRS: dict[str, Pair] = {
-    "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE),
-    "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE),
+    "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE, per_dimension=_PER_DIMENSION_KEYS),
+    "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE, per_dimension=_PER_DIMENSION_KEYS),
     "ppokl": Pair("sb3_trust.PPOKL", "stable_baselines3.PPO", "ppokl.yml", _PPOKL_NOTE, _PPOKL_ONLY),
     "acktr": Pair("sb3_trust.ACKTR", "stable_baselines3.A2C", "acktr.yml", _ACKTR_NOTE, _ACKTR_ONLY, _A2C_SHARED),
 }
@@ -171,8 +181,8 @@ class Setting:
     :param normalize: ``VecNormalize`` keyword arguments, or None without normalization
     :param timesteps: training steps of a learning run
     :param kwargs: algorithm keyword arguments of our side
-    :param peer_kwargs: algorithm keyword arguments of the peer (``kwargs`` without the pair's ``ours_only`` keys,
-        unless ``--peer-hyperparams``)
+    :param peer_kwargs: algorithm keyword arguments of the peer (``kwargs`` without the pair's ``ours_only`` keys
+        and with its ``per_dimension`` keys converted, unless ``--peer-hyperparams``)
     :param from_config: whether the config file has an entry for ``env_id``
     :param ours_only: the entries of ``kwargs`` that were kept from the peer (the pair's ``ours_only`` keys)
     :param threshold: return threshold of the sample-efficiency measure, or None without one
@@ -370,6 +380,20 @@ def class_defaults(class_path: str) -> dict[str, Any]:
     return defaults
 
 
+def action_dimensions(env_id: str) -> int:
+    """
+    :param env_id: Gymnasium environment id
+    :return: the number of action dimensions over which sb3-contrib averages its KL: those of a Box or MultiBinary
+        action space, 1 for Discrete and MultiDiscrete (whose KL SB3 sums over their components)
+    """
+    env = gym.make(env_id)
+    action_space = env.action_space
+    env.close()
+    if isinstance(action_space, (spaces.Box, spaces.MultiBinary)):
+        return int(np.prod(action_space.shape))
+    return 1
+
+
 def make_setting(
     pair: Pair,
     env_id: str,
@@ -385,7 +409,8 @@ def make_setting(
     :param env_id: Gymnasium environment id
     :param overrides: ``--hyperparams`` (both sides, run keys included; the pair's ``ours_only`` keys go to ours only)
     :param peer_overrides: ``--peer-hyperparams`` (the peer's algorithm keyword arguments only, applied after the
-        ``ours_only`` keys are removed: they can set one of those for the peer)
+        ``ours_only`` keys are removed and the ``per_dimension`` keys converted: they can set any of those for the
+        peer)
     :param timesteps: ``--timesteps``, or None for the config's ``n_timesteps``
     :param threshold: return threshold of the sample-efficiency measure, or None
     :return: the setting
@@ -406,6 +431,12 @@ def make_setting(
         raise ValueError(f"--peer-hyperparams cannot change the shared run keys {misplaced}")
     ours_only = {key: value for key, value in hyperparameters.items() if key in pair.ours_only}
     shared = {key: value for key, value in hyperparameters.items() if key not in ours_only}
+    converted: dict[str, Any] = {}
+    if pair.per_dimension:
+        ours = {**class_defaults(pair.ours), **hyperparameters}
+        dimensions = action_dimensions(env_id)
+        # Rounded so that 0.24 / 6 reads 0.04, not 0.039999999999999994
+        converted = {key: float(f"{ours[key] / dimensions:.12g}") for key in pair.per_dimension}
     return Setting(
         env_id=env_id,
         n_envs=int(run.get("n_envs", 1)),
@@ -413,7 +444,7 @@ def make_setting(
         normalize=_normalize_kwargs(run.get("normalize", False)),
         timesteps=int(timesteps or float(run.get("n_timesteps", DEFAULT_TIMESTEPS))),
         kwargs=hyperparameters,
-        peer_kwargs={**shared, **peer_overrides},
+        peer_kwargs={**shared, **converted, **peer_overrides},
         from_config=from_config,
         ours_only=ours_only,
         threshold=threshold,

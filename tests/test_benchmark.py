@@ -22,10 +22,23 @@ def test_steps_to_threshold_uses_the_moving_average() -> None:
 
 
 def test_class_defaults_follow_kwargs_to_the_base_class() -> None:
-    # TRPO takes most of its arguments through **kwargs: their defaults are the base class's
-    defaults = benchmark.class_defaults("sb3_trust.TRPO")
-    assert defaults["n_steps"] == 2048
-    assert defaults["line_search_shrinking_factor"] == 0.8
+    # NPG has no constructor of its own: its defaults are the base class's
+    defaults = benchmark.class_defaults("sb3_trust.NPG")
+    assert defaults["n_steps"] == 2048 and defaults["target_kl"] == 0.01
+    assert benchmark.class_defaults("sb3_trust.TRPO")["line_search_shrinking_factor"] == 0.8
+
+
+def test_peer_gets_the_trust_region_in_its_per_dimension_convention() -> None:
+    # zoo_configs/trpo.yml ships the zoo's HalfCheetah values times its 6 action dimensions (0.24, 0.6)
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "HalfCheetah-v5", {}, {}, None)
+    assert (setting.kwargs["target_kl"], setting.kwargs["cg_damping"]) == (0.24, 0.6)
+    assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.04, 0.1)
+    assert setting.peer_kwargs["n_critic_updates"] == setting.kwargs["n_critic_updates"]
+    # our class's defaults are converted when the config has no value; one action dimension changes nothing
+    setting = benchmark.make_setting(benchmark.PAIRS["npg"], "Pendulum-v1", {"target_kl": 0.02}, {}, None)
+    assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.02, 0.1)
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "Hopper-v5", {"cg_damping": 0.3}, {"target_kl": 0.5}, None)
+    assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.5, 0.1)
 
 
 def _run(output: Path, *extra: str) -> int:
