@@ -152,6 +152,30 @@ def test_save_and_load_restore_the_kfac_state(tmp_path: Path) -> None:
     assert all(th.isfinite(param).all() for param in loaded.policy.parameters())
 
 
+def test_load_with_new_kfac_settings_reaches_the_optimizer(tmp_path: Path) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    ACKTR("MlpPolicy", env, **SMALL).learn(32).save(tmp_path / "acktr.zip")
+    new_settings = dict(kfac_damping=0.5, kfac_kl_clip=0.1, kfac_momentum=0.5, kfac_weight_decay=1e-4)
+    loaded = ACKTR.load(tmp_path / "acktr.zip", env=env, custom_objects=new_settings)
+    loaded.learn(16, reset_num_timesteps=False)
+    group = loaded.policy.optimizer.param_groups[0]
+    assert (group["damping"], group["kl_clip"], group["momentum"], group["weight_decay"]) == (0.5, 0.1, 0.5, 1e-4)
+
+
+def test_gsde_fisher_actions_are_drawn_independently_per_row() -> None:
+    from sb3_trust.common.distributions import sample_independently
+
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), use_sde=True, **SMALL)
+    model.policy.reset_noise(1)
+    observations = th.as_tensor(model.observation_space.sample()).repeat(4096, 1)
+    distribution = model.policy.get_distribution(observations)
+    # SB3's sample() shares one exploration matrix across the batch: identical states give identical actions
+    assert th.unique(distribution.sample()).numel() == 1
+    actions = sample_independently(distribution)
+    marginal_std = distribution.distribution.stddev[0]
+    assert th.allclose(actions.std(dim=0), marginal_std, rtol=0.1)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -162,6 +186,12 @@ def test_save_and_load_restore_the_kfac_state(tmp_path: Path) -> None:
         dict(kfac_stat_decay=0.0),
         dict(kfac_inverse_update_freq=0),
         dict(kfac_momentum=1.0),
+        dict(kfac_inverse_update_freq=2.5),
+        dict(kfac_cold_iters=1.5),
+        dict(kfac_weight_decay=float("nan")),
+        dict(vf_fisher_coef=float("nan")),
+        dict(kfac_damping=float("inf")),
+        dict(n_steps=8.0),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict[str, Any]) -> None:

@@ -315,11 +315,28 @@ def test_convolution_factors_have_the_patch_dimension() -> None:
         dict(stat_decay=0.0),
         dict(inverse_update_freq=0),
         dict(momentum=1.0),
+        dict(eigenvalue_min=0.0),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         KFAC(nn.Linear(2, 2), **kwargs)
+
+
+def test_in_place_change_of_a_captured_output_is_refused() -> None:
+    # backward() reads each layer's output; an in-place activation would overwrite it with the activation's
+    network = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    optimizer = KFAC(network)
+    inputs = th.randn(8, 3)
+    with optimizer.capture():
+        output = network(inputs)
+    with pytest.raises(RuntimeError, match="in place"):
+        optimizer.backward(output.pow(2).mean(), output.mean(), batch_size=8)
+    # The same network with an out-of-place activation is accepted
+    network[1] = nn.ReLU()
+    with optimizer.capture():
+        output = network(inputs)
+    optimizer.backward(output.pow(2).mean(), output.mean(), batch_size=8)
 
 
 class _ActorCritic(nn.Module):

@@ -2,6 +2,7 @@
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -11,6 +12,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
 from sb3_trust.common.natural_gradient import SUPPORTED_ACTION_SPACES, check_positive, check_positive_integer
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
@@ -118,12 +120,14 @@ class ACKTR(TrustOnPolicyAlgorithm):
             check_positive(learning_rate=learning_rate)
         if not 0 < kfac_stat_decay < 1:
             raise ValueError(f"`kfac_stat_decay` must lie in (0, 1), got {kfac_stat_decay}")
-        if kfac_inverse_update_freq < 1:
-            raise ValueError(f"`kfac_inverse_update_freq` must be >= 1, got {kfac_inverse_update_freq}")
+        check_positive_integer(kfac_inverse_update_freq=kfac_inverse_update_freq)
+        check_positive(vf_fisher_coef=vf_fisher_coef)
         if not 0 <= kfac_momentum < 1:
             raise ValueError(f"`kfac_momentum` must lie in [0, 1), got {kfac_momentum}")
-        if kfac_cold_iters < 0 or kfac_weight_decay < 0 or vf_fisher_coef < 0:
-            raise ValueError("`kfac_cold_iters`, `kfac_weight_decay` and `vf_fisher_coef` must be >= 0")
+        if isinstance(kfac_cold_iters, bool) or not isinstance(kfac_cold_iters, (int, np.integer)) or kfac_cold_iters < 0:
+            raise ValueError(f"`kfac_cold_iters` must be an integer >= 0, got {kfac_cold_iters!r}")
+        if not (np.isfinite(kfac_weight_decay) and kfac_weight_decay >= 0):
+            raise ValueError(f"`kfac_weight_decay` must be a finite number >= 0, got {kfac_weight_decay}")
         super().__init__(
             policy,
             env,
@@ -183,6 +187,13 @@ class ACKTR(TrustOnPolicyAlgorithm):
         optimizer = self.policy.optimizer
         assert isinstance(optimizer, KFAC)
         self._update_learning_rate(optimizer)
+        # The model's settings win over those a loaded optimizer state brought back (load(..., custom_objects=...))
+        optimizer.param_groups[0].update(
+            damping=self.kfac_damping,
+            kl_clip=self.kfac_kl_clip,
+            momentum=self.kfac_momentum,
+            weight_decay=self.kfac_weight_decay,
+        )
 
         samples = next(self.rollout_buffer.get(batch_size=None))
         actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
@@ -209,7 +220,7 @@ class ACKTR(TrustOnPolicyAlgorithm):
         # mean log π - mean (v - ŷ)²; the PyTorch port negates only the policy term, -mean log π - mean (v - ŷ)²,
         # ikostrikov/pytorch-a2c-ppo-acktr-gail#279.) The overall sign is irrelevant: K-FAC uses outer products.
         with th.no_grad():
-            sampled_actions = distribution.sample()
+            sampled_actions = sample_independently(distribution)
             value_targets = values + th.randn_like(values)
         fisher_loss = -distribution.log_prob(sampled_actions).mean()
         fisher_loss = fisher_loss + self.vf_fisher_coef * th.mean((values - value_targets) ** 2)

@@ -10,7 +10,7 @@ import copy
 from collections.abc import Callable
 
 import torch as th
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
 from torch.distributions import Bernoulli, Categorical, Normal
 from torch.distributions import Distribution as TorchDistribution
 
@@ -31,6 +31,23 @@ def torch_distributions(distribution: Distribution) -> list[TorchDistribution]:
     if isinstance(inner, (list, tuple)) and all(isinstance(part, TorchDistribution) for part in inner):
         return list(inner)
     raise TypeError(f"{type(distribution).__name__} does not hold torch distributions (found {type(inner).__name__})")
+
+
+def sample_independently(distribution: Distribution) -> th.Tensor:
+    """
+    One action per row, each drawn independently from its row's law (for a sampled Fisher estimate).
+
+    SB3's gSDE distribution draws with one exploration matrix for the whole batch (one per environment during
+    rollouts), so its ``sample()`` on a training batch gives correlated actions. The law of one row is the
+    Gaussian it holds, squashed by its bijector when it has one: that is what is sampled here.
+
+    :param distribution: an SB3 distribution on which ``proba_distribution`` has been called
+    :return: the actions, as ``distribution.sample()`` shapes them
+    """
+    if isinstance(distribution, StateDependentNoiseDistribution):
+        gaussian_actions = distribution.distribution.sample()
+        return gaussian_actions if distribution.bijector is None else distribution.bijector.forward(gaussian_actions)
+    return distribution.sample()
 
 
 def _map_torch_distribution(distribution: TorchDistribution, transform: Callable[[th.Tensor], th.Tensor]) -> TorchDistribution:

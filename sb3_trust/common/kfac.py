@@ -91,7 +91,7 @@ class KFAC(Optimizer):
         max_grad_norm: float | None = None,
         eigenvalue_min: float = 1e-6,
     ):
-        for name, value in (("lr", lr), ("damping", damping), ("kl_clip", kl_clip)):
+        for name, value in (("lr", lr), ("damping", damping), ("kl_clip", kl_clip), ("eigenvalue_min", eigenvalue_min)):
             if not value > 0:
                 raise ValueError(f"`{name}` must be positive, got {value}")
         if not 0 < stat_decay < 1:
@@ -128,8 +128,8 @@ class KFAC(Optimizer):
             module.register_forward_hook(self._forward_hook)
         self.diagonal_params = [param for param in params if id(param) not in in_block]
         self._capturing = False
-        # (input, output) of each K-FAC layer call in the captured forward pass
-        self._calls: dict[nn.Module, list[tuple[th.Tensor, th.Tensor]]] = {}
+        # (input, output, their versions) of each K-FAC layer call in the captured forward pass
+        self._calls: dict[nn.Module, list[tuple[th.Tensor, th.Tensor, tuple[int, int]]]] = {}
         # Diagnostics of the last step, for logging
         self.step_scale = 1.0
         self.kl_estimate = 0.0
@@ -138,7 +138,8 @@ class KFAC(Optimizer):
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
         if self._capturing and th.is_grad_enabled() and output.requires_grad:
-            self._calls.setdefault(module, []).append((inputs[0].detach(), output))
+            # The versions tell whether an in-place operation later overwrote what K-FAC reads in backward()
+            self._calls.setdefault(module, []).append((inputs[0].detach(), output, (inputs[0]._version, output._version)))
 
     @contextmanager
     def capture(self) -> Iterator[None]:
@@ -186,7 +187,13 @@ class KFAC(Optimizer):
         """
         index, outputs = [], []
         for block, (module, _, _) in enumerate(self.blocks):
-            for call, (_, output) in enumerate(self._calls.get(module, [])):
+            for call, (layer_input, output, versions) in enumerate(self._calls.get(module, [])):
+                if (layer_input._version, output._version) != versions:
+                    raise RuntimeError(
+                        f"K-FAC: the input or output of {module} was modified in place after the forward pass (an "
+                        "in-place activation such as nn.ReLU(inplace=True)?): its gradient and statistics would be "
+                        "wrong; use out-of-place operations around K-FAC layers"
+                    )
                 index.append((block, module, call))
                 outputs.append(output)
         return index, outputs

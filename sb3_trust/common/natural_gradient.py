@@ -46,12 +46,12 @@ class PolicyStep(NamedTuple):
 
 def check_positive(**values: float) -> None:
     """
-    :param values: named numbers that must be > 0
+    :param values: named numbers that must be finite and > 0
     :raises ValueError: naming the first that is not
     """
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"`{name}` must be positive, got {value}")
+        if not (value > 0 and np.isfinite(value)):
+            raise ValueError(f"`{name}` must be a finite positive number, got {value}")
 
 
 def check_positive_integer(**values: int) -> None:
