@@ -74,6 +74,17 @@ def test_kl_coef_adapts_after_each_update_from_the_rollout_kl(target_kl: float, 
             assert f"train/{key}" in logged
 
 
+def test_kl_coef_stays_when_no_minibatch_moved_the_policy() -> None:
+    model = PPOKL("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), target_kl=10.0, **SMALL)
+    model.learn(64)
+    kl_coef = model.kl_coef
+    model.rollout_buffer.advantages[:] = np.nan  # every minibatch's loss is non-finite
+    with pytest.warns(RuntimeWarning, match="minibatches skipped"):
+        model.train()
+    # With target_kl = 10 any real update would halve β; a skipped one must leave it as it was
+    assert model.kl_coef == kl_coef
+
+
 def test_kl_coef_survives_save_and_load(tmp_path: Any) -> None:
     env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
     model = PPOKL("MlpPolicy", env, target_kl=1e-7, **SMALL)
@@ -147,6 +158,10 @@ def test_dict_observations_and_clipping_options() -> None:
         (dict(kl_coef=1e5), "kl_coef"),
         (dict(n_steps=64, batch_size=48), "batch_size"),
         (dict(clip_range=-0.1), "clip_range"),
+        (dict(clip_range_vf=0.0), "clip_range_vf"),
+        (dict(max_grad_norm=-0.5), "max_grad_norm"),
+        (dict(target_kl=float("inf")), "target_kl"),
+        (dict(n_epochs=2.0), "n_epochs"),
     ],
 )
 def test_bad_parameters_fail_at_construction(kwargs: dict, message: str) -> None:

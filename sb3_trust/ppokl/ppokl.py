@@ -142,7 +142,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_positive(target_kl=target_kl, kl_coef=kl_coef)
+        check_positive(target_kl=target_kl, kl_coef=kl_coef, max_grad_norm=max_grad_norm)
         check_positive_integer(n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
         if not kl_tolerance > 1:
             raise ValueError(f"`kl_tolerance` must be > 1, got {kl_tolerance}")
@@ -152,8 +152,9 @@ class PPOKL(TrustOnPolicyAlgorithm):
             raise ValueError(f"Need 0 < `kl_coef_min` <= `kl_coef_max`, got {kl_coef_min} and {kl_coef_max}")
         if not kl_coef_min <= kl_coef <= kl_coef_max:
             raise ValueError(f"`kl_coef` ({kl_coef}) must lie in [kl_coef_min, kl_coef_max] = [{kl_coef_min}, {kl_coef_max}]")
-        if isinstance(clip_range, (float, int)):
-            check_positive(clip_range=clip_range)
+        for name, value in (("clip_range", clip_range), ("clip_range_vf", clip_range_vf)):
+            if isinstance(value, (float, int)):
+                check_positive(**{name: value})
         super().__init__(
             policy,
             env,
@@ -204,7 +205,6 @@ class PPOKL(TrustOnPolicyAlgorithm):
         Minimise the KL-penalised surrogate over ``n_epochs`` passes of minibatches, then adapt β from the
         mean KL of the whole update.
         """
-        self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         progress = self._current_progress_remaining
         clip_range = None if self.clip_range is None else self.clip_range(progress)  # type: ignore[operator]
@@ -213,12 +213,15 @@ class PPOKL(TrustOnPolicyAlgorithm):
         samples = next(self.rollout_buffer.get(batch_size=None))
         actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
         with th.no_grad():
-            # π_old over the whole rollout, frozen: each minibatch's KL term compares against its rows
+            # π_old over the whole rollout, frozen: each minibatch's KL term compares against its rows. In evaluation
+            # mode, as the rollout's log-probabilities were (dropout or batch norm would otherwise shift it)
+            self.policy.set_training_mode(False)
             old_distribution = detach_distribution(self.policy.get_distribution(samples.observations))
+        self.policy.set_training_mode(True)
         n_samples = len(actions)
         stats: dict[str, list[float]] = {key: [] for key in ("pg", "kl_penalty", "value", "entropy", "clip", "approx_kl")}
         loss = th.zeros(())
-        n_skipped = 0
+        n_skipped = n_applied = 0
         for _ in range(self.n_epochs):
             permutation = th.randperm(n_samples, device=self.device)
             for start in range(0, n_samples, self.batch_size):
@@ -234,6 +237,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
                     n_skipped += 1
                     continue
                 self.policy.optimizer.step()
+                n_applied += 1
 
                 for key, value in terms.items():
                     stats[key].append(value)
@@ -244,20 +248,23 @@ class PPOKL(TrustOnPolicyAlgorithm):
             )
 
         # d: the KL this whole update moved the policy by, on its rollout; it drives β
+        self.policy.set_training_mode(False)
         with th.no_grad():
             distribution = self.policy.get_distribution(samples.observations)
             log_ratio = distribution.log_prob(actions) - samples.old_log_prob
             rollout_kl = self._mean_kl(old_distribution, distribution, log_ratio).item()
         kl_coef_used = self.kl_coef
-        self.kl_coef = adapt_kl_coef(
-            self.kl_coef,
-            rollout_kl,
-            self.target_kl,
-            self.kl_tolerance,
-            self.kl_coef_factor,
-            self.kl_coef_min,
-            self.kl_coef_max,
-        )
+        if n_applied > 0:
+            # (A policy that did not move says nothing about β: halving it would only weaken the next penalty)
+            self.kl_coef = adapt_kl_coef(
+                self.kl_coef,
+                rollout_kl,
+                self.target_kl,
+                self.kl_tolerance,
+                self.kl_coef_factor,
+                self.kl_coef_min,
+                self.kl_coef_max,
+            )
 
         self.logger.record("train/kl_divergence", rollout_kl)
         self.logger.record("train/kl_coef", self.kl_coef)
@@ -351,4 +358,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
 
 
 def _mean(values: list[float]) -> float:
+    """
+    :param values: the per-minibatch values of one statistic
+    :return: their mean, NaN when every minibatch was skipped
+    """
     return float(np.mean(values)) if values else float("nan")
