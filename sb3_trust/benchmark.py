@@ -82,7 +82,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
-from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters
+from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters, normalize_kwargs, split_run_keys
 
 _KL_NOTE = (
     "sb3_trust bounds the mean KL of the joint action distribution, while sb3-contrib's TRPO averages its KL (and so "
@@ -162,8 +162,6 @@ SIDES = ("ours", "peer")
 MODES = ("speed", "returns", "all")
 # Keys set by the benchmark itself, not by --hyperparams
 RESERVED_KEYS = ("seed", "device", "verbose", "env")
-# Run keys of the zoo format that this benchmark does not implement
-UNSUPPORTED_RUN_KEYS = ("env_wrapper", "frame_stack", "callback")
 DEFAULT_TIMESTEPS = 100_000
 EVAL_SEED_OFFSET = 10_000
 CURVE_POINTS = 200
@@ -351,18 +349,6 @@ def key_value(item: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"cannot parse {item!r}: {error}") from error
 
 
-def _normalize_kwargs(value: Any) -> dict[str, Any] | None:
-    """
-    :param value: the zoo's ``normalize`` entry: a bool, a dict, or a dict's string
-    :return: ``VecNormalize`` keyword arguments, or None without normalization
-    """
-    if isinstance(value, str):
-        value = ast.literal_eval(value)
-    if isinstance(value, dict):
-        return dict(value)
-    return {} if value else None
-
-
 def class_defaults(class_path: str) -> dict[str, Any]:
     """
     :param class_path: dotted path of an algorithm class
@@ -422,10 +408,7 @@ def make_setting(
         defaults = class_defaults(pair.ours)
         for key in pair.shared_defaults:
             hyperparameters.setdefault(key, defaults[key])
-    run = {key: hyperparameters.pop(key) for key in RUN_KEYS if key in hyperparameters}
-    unsupported = sorted(set(run) & set(UNSUPPORTED_RUN_KEYS))
-    if unsupported:
-        raise ValueError(f"{env_id}: the benchmark does not implement the zoo keys {unsupported}")
+    run = split_run_keys(hyperparameters, env_id)
     misplaced = sorted(set(peer_overrides) & set(RUN_KEYS))
     if misplaced:
         raise ValueError(f"--peer-hyperparams cannot change the shared run keys {misplaced}")
@@ -441,7 +424,7 @@ def make_setting(
         env_id=env_id,
         n_envs=int(run.get("n_envs", 1)),
         policy=str(run.get("policy", "MlpPolicy")),
-        normalize=_normalize_kwargs(run.get("normalize", False)),
+        normalize=normalize_kwargs(run.get("normalize", False)),
         timesteps=int(timesteps or float(run.get("n_timesteps", DEFAULT_TIMESTEPS))),
         kwargs=hyperparameters,
         peer_kwargs={**shared, **converted, **peer_overrides},
@@ -462,10 +445,10 @@ def make_env(setting: Setting, seed: int, gamma: float, n_envs: int | None = Non
     """
     env = make_vec_env(setting.env_id, n_envs=n_envs or setting.n_envs, seed=seed)
     if setting.normalize is not None:
-        normalize_kwargs: dict[str, Any] = {"gamma": gamma, **setting.normalize}
+        vec_normalize_kwargs: dict[str, Any] = {"gamma": gamma, **setting.normalize}
         if evaluation:
-            normalize_kwargs.update(training=False, norm_reward=False)
-        env = VecNormalize(env, **normalize_kwargs)
+            vec_normalize_kwargs.update(training=False, norm_reward=False)
+        env = VecNormalize(env, **vec_normalize_kwargs)
     return env
 
 

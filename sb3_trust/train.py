@@ -5,7 +5,10 @@ Usage: ``python -m sb3_trust.train --algo TRPO --env CartPole-v1`` (what ``make 
 """
 
 import argparse
+import ast
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,54 @@ ALGORITHMS: dict[str, type[TrustOnPolicyAlgorithm]] = {
     "ppokl": sb3_trust.PPOKL,
     "trpo": sb3_trust.TRPO,
 }
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "zoo_configs"
+
 # Keys of the zoo's YAML files that describe the environment or the run rather than the algorithm
 RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "env_wrapper", "frame_stack", "callback")
+# Run keys that only rl-zoo3's own scripts implement (python -m sb3_trust.zoo)
+UNSUPPORTED_RUN_KEYS = ("env_wrapper", "frame_stack", "callback")
+
+
+def find_config_dir() -> Path:
+    """
+    :return: the folder of the shipped hyperparameter files: ``zoo_configs/`` of the source checkout (an editable
+        install), else ``<prefix>/share/sb3_trust/zoo_configs`` where ``pip install .`` puts them
+    """
+    candidates = [
+        Path(__file__).resolve().parent.parent / "zoo_configs",
+        Path(sys.prefix) / "share" / "sb3_trust" / "zoo_configs",
+    ]
+    return next((path for path in candidates if path.is_dir()), candidates[0])
+
+
+CONFIG_DIR = find_config_dir()
+
+
+def normalize_kwargs(value: Any) -> dict[str, Any] | None:
+    """
+    :param value: the zoo's ``normalize`` entry: a bool, a dict, or a dict's string (rl-zoo3 accepts all three)
+    :return: ``VecNormalize`` keyword arguments, or None without normalization
+    """
+    if isinstance(value, str):
+        value = ast.literal_eval(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return {} if value else None
+
+
+def split_run_keys(hyperparameters: dict[str, Any], env_id: str) -> dict[str, Any]:
+    """
+    Move the run keys out of a zoo entry.
+
+    :param hyperparameters: the entry; the algorithm's keyword arguments are left in it
+    :param env_id: its environment, for the error message
+    :return: the run keys
+    :raises ValueError: for run keys that only rl-zoo3's scripts implement (they would be silently ignored)
+    """
+    run = {key: hyperparameters.pop(key) for key in RUN_KEYS if key in hyperparameters}
+    unsupported = sorted(set(run) & set(UNSUPPORTED_RUN_KEYS))
+    if unsupported:
+        raise ValueError(f"{env_id}: the zoo keys {unsupported} need rl-zoo3's scripts (python -m sb3_trust.zoo train)")
+    return run
 
 
 def load_hyperparameters(algo: str, env_id: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
@@ -72,12 +120,20 @@ def main(argv: list[str] | None = None) -> float:
     if algo not in ALGORITHMS:
         parser.error(f"unknown --algo {args.algo!r}; choose from {sorted(ALGORITHMS)}")
     hyperparameters = load_hyperparameters(algo, args.env)
-    run = {key: hyperparameters.pop(key) for key in RUN_KEYS if key in hyperparameters}
+    if not hyperparameters:
+        warnings.warn(
+            f"No entry for {args.env} in {CONFIG_DIR / algo}.yml: {args.algo} runs with its class defaults, "
+            "one environment and no normalization",
+            UserWarning,
+            stacklevel=2,
+        )
+    run = split_run_keys(hyperparameters, args.env)
     timesteps = args.timesteps or int(float(run.get("n_timesteps", 100_000)))
 
     env = make_vec_env(args.env, n_envs=int(run.get("n_envs", 1)), seed=args.seed)
-    if run.get("normalize"):
-        env = VecNormalize(env, gamma=float(hyperparameters.get("gamma", 0.99)))
+    normalize = normalize_kwargs(run.get("normalize", False))
+    if normalize is not None:
+        env = VecNormalize(env, **{"gamma": float(hyperparameters.get("gamma", 0.99)), **normalize})
     model = ALGORITHMS[algo](run.get("policy", "MlpPolicy"), env, seed=args.seed, verbose=0, **hyperparameters)
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
     model.learn(timesteps, progress_bar=args.progress_bar)

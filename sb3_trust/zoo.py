@@ -8,11 +8,13 @@ table before its script starts; this wrapper does that and then hands over to rl
     python -m sb3_trust.zoo enjoy --algo trpo --env HalfCheetah-v5 -f logs/
 
 ``--algo acktr``, ``npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
-Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``.
+Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``
+(``trpo_contrib``: rl-zoo3's own ``hyperparams/trpo.yml``).
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """
 
 import sys
+from pathlib import Path
 
 from sb3_trust.train import ALGORITHMS, CONFIG_DIR
 
@@ -45,6 +47,25 @@ def _option_value(arguments: list[str], *names: str) -> str | None:
     return None
 
 
+def default_config(algo: str) -> Path | None:
+    """
+    :param algo: the ``--algo`` of a ``train`` command
+    :return: the hyperparameter file it reads when no ``--conf-file`` is given, or None for rl-zoo3's own
+        algorithms (rl-zoo3 finds their files itself)
+    :raises SystemExit: when the file of one of our algorithms is missing (an install without ``zoo_configs/``)
+    """
+    if algo == "trpo_contrib":
+        import rl_zoo3
+
+        return Path(rl_zoo3.__file__).parent / "hyperparams" / "trpo.yml"
+    if algo not in ALGORITHMS:
+        return None
+    config = CONFIG_DIR / f"{algo}.yml"
+    if not config.exists():
+        raise SystemExit(f"{config} not found: install sb3_trust from its source tree, or pass --conf-file")
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     :param argv: ``[command, *rl-zoo3 arguments]`` with command ``train`` or ``enjoy`` (default: ``sys.argv[1:]``)
@@ -55,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     command, arguments = argv[0], argv[1:]
     register_algorithms()
     if command == "train" and _option_value(arguments, "--conf-file", "-conf") is None:
-        config = CONFIG_DIR / f"{_option_value(arguments, '--algo') or 'ppo'}.yml"
-        if config.exists():
+        config = default_config(_option_value(arguments, "--algo") or "ppo")
+        if config is not None:
             arguments += ["--conf-file", str(config)]
     sys.argv = [f"rl_zoo3.{command}", *arguments]
     if command == "train":

@@ -40,6 +40,18 @@ def test_train_and_enjoy_through_rl_zoo(tmp_path: Path) -> None:
     main(["enjoy", "--algo", "npg", "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "50", "--no-render"])
 
 
+def test_default_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sb3_trust import zoo
+
+    assert zoo.default_config("npg") == CONFIG_DIR / "npg.yml"
+    contrib = zoo.default_config("trpo_contrib")
+    assert contrib is not None and contrib.name == "trpo.yml" and contrib.exists()
+    assert zoo.default_config("ppo") is None
+    monkeypatch.setattr(zoo, "CONFIG_DIR", tmp_path)
+    with pytest.raises(SystemExit, match="conf-file"):
+        zoo.default_config("trpo")
+
+
 def test_option_values_in_both_spellings() -> None:
     from sb3_trust.zoo import _option_value
 
