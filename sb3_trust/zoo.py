@@ -10,26 +10,138 @@ table before its script starts; this wrapper does that and then hands over to rl
 ``--algo acktr``, ``npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
 Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``
 (``trpo_contrib``: rl-zoo3's own ``hyperparams/trpo.yml``).
+Hyperparameter search (``train ... -optimize``) samples from the spaces below (``SAMPLERS``).
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sb3_trust.train import ALGORITHMS, CONFIG_DIR
 
 COMMANDS = ("train", "enjoy")
 
 
+def convert_sampled_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
+    """
+    Turn the values an optuna trial sampled into the algorithm's keyword arguments (rl-zoo3's conversion of
+    ``one_minus_gamma``, ``n_steps_pow``, ``net_arch`` names, ...), with the critic's minibatch at most ``n_steps``
+    so that it divides every rollout ``n_steps * n_envs``: our constructors refuse one that does not.
+
+    :param sampled_params: ``trial.params``
+    :return: the keyword arguments
+    """
+    from rl_zoo3.hyperparams_opt import convert_onpolicy_params
+
+    hyperparameters = convert_onpolicy_params(sampled_params)
+    if "batch_size" in hyperparameters:
+        hyperparameters["batch_size"] = min(hyperparameters["batch_size"], hyperparameters["n_steps"])
+    return hyperparameters
+
+
+def _suggest_onpolicy_basics(trial: Any, net_archs: tuple[str, ...] = ("small", "medium")) -> None:
+    """
+    :param trial: an optuna trial; suggests the discount, GAE's λ, the network and its activation (rl-zoo3's ranges)
+    :param net_archs: the network sizes to choose from (rl-zoo3's names)
+    """
+    trial.suggest_float("one_minus_gamma", 0.0001, 0.03, log=True)
+    trial.suggest_float("one_minus_gae_lambda", 0.0001, 0.1, log=True)
+    trial.suggest_categorical("net_arch", list(net_archs))
+    trial.suggest_categorical("activation_fn", ["tanh", "relu"])
+
+
+def sample_natural_gradient_params(trial: Any, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    NPG's and TRPO's search space: rl-zoo3's for sb3-contrib's TRPO, with the trust region δ and the damping in our
+    convention. sb3-contrib's KL is averaged over the d action dimensions, ours is the joint KL, so the range of
+    ``target_kl`` is d times sb3-contrib's (and ``cg_damping`` around 0.1·d, the value sb3-contrib's default means).
+
+    :param trial: the optuna trial
+    :param n_actions: d, the action dimensions (rl-zoo3 passes 0 for non-Box spaces: taken as 1)
+    :param n_envs: number of environments (unused: ``batch_size`` is capped at ``n_steps``)
+    :param additional_args: rl-zoo3's extra arguments (unused)
+    :return: the keyword arguments of the trial
+    """
+    dimensions = max(1, n_actions)
+    trial.suggest_int("n_steps_pow", 5, 12)
+    trial.suggest_int("batch_size_pow", 5, 10)
+    trial.suggest_float("learning_rate", 1e-5, 0.002, log=True)
+    trial.suggest_int("n_critic_updates", 5, 30)
+    trial.suggest_int("cg_max_steps", 5, 30)
+    trial.suggest_float("target_kl", 0.001 * dimensions, 0.1 * dimensions, log=True)
+    trial.suggest_float("cg_damping", 0.01 * dimensions, 1.0 * dimensions, log=True)
+    _suggest_onpolicy_basics(trial)
+    return convert_sampled_params(trial.params)
+
+
+def sample_ppokl_params(trial: Any, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    PPOKL's search space: rl-zoo3's for PPO without the clipping (PPOKL's default is the pure penalty), with the
+    penalty's target d_targ over the PPO paper's range (0.003 to 0.03).
+
+    :param trial: the optuna trial
+    :param n_actions: action dimensions (unused: PPOKL's KL target is not tuned per dimension by the paper either)
+    :param n_envs: number of environments (unused: ``batch_size`` is capped at ``n_steps``)
+    :param additional_args: rl-zoo3's extra arguments (unused)
+    :return: the keyword arguments of the trial
+    """
+    trial.suggest_int("n_steps_pow", 5, 12)
+    trial.suggest_int("batch_size_pow", 5, 10)
+    trial.suggest_float("learning_rate", 1e-5, 0.002, log=True)
+    trial.suggest_float("ent_coef", 1e-8, 0.1, log=True)
+    trial.suggest_categorical("n_epochs", [1, 5, 10, 20])
+    trial.suggest_float("max_grad_norm", 0.3, 2.0)
+    trial.suggest_float("target_kl", 0.003, 0.03, log=True)
+    _suggest_onpolicy_basics(trial, ("tiny", "small", "medium"))
+    return convert_sampled_params(trial.params)
+
+
+def sample_acktr_params(trial: Any, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    ACKTR's search space: A2C's loss settings around the ACKTR paper's (short rollouts), K-FAC's step length
+    ``learning_rate`` around the paper's 0.25 and its trust region ``kfac_kl_clip`` around baselines' 0.001.
+
+    :param trial: the optuna trial
+    :param n_actions: action dimensions (unused)
+    :param n_envs: number of environments (unused)
+    :param additional_args: rl-zoo3's extra arguments (unused)
+    :return: the keyword arguments of the trial
+    """
+    trial.suggest_categorical("n_steps", [5, 8, 16, 20, 32, 64])
+    trial.suggest_float("learning_rate", 0.01, 1.0, log=True)
+    trial.suggest_float("kfac_kl_clip", 1e-4, 1e-2, log=True)
+    trial.suggest_float("ent_coef", 1e-8, 0.1, log=True)
+    trial.suggest_float("vf_coef", 0.1, 1.0)
+    trial.suggest_float("max_grad_norm", 0.3, 2.0)
+    _suggest_onpolicy_basics(trial)
+    return convert_sampled_params(trial.params)
+
+
+SAMPLERS: dict[str, Callable[[Any, int, int, dict], dict[str, Any]]] = {
+    "acktr": sample_acktr_params,
+    "npg": sample_natural_gradient_params,
+    "ppokl": sample_ppokl_params,
+    "trpo": sample_natural_gradient_params,
+}
+
+
 def register_algorithms() -> None:
     """
-    Add the sb3_trust algorithms to rl-zoo3's ``ALGOS`` table (in place: every rl-zoo3 module shares it).
+    Add the sb3_trust algorithms to rl-zoo3's ``ALGOS`` table and their search spaces to its samplers (in place:
+    every rl-zoo3 module shares these tables).
     """
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
     from rl_zoo3.utils import ALGOS
 
     if "trpo" in ALGOS and ALGOS["trpo"] is not ALGORITHMS["trpo"]:
         ALGOS.setdefault("trpo_contrib", ALGOS["trpo"])
+        HYPERPARAMS_SAMPLER.setdefault("trpo_contrib", HYPERPARAMS_SAMPLER["trpo"])
+        HYPERPARAMS_CONVERTER.setdefault("trpo_contrib", HYPERPARAMS_CONVERTER["trpo"])
     ALGOS.update(ALGORITHMS)
+    HYPERPARAMS_SAMPLER.update(SAMPLERS)
+    HYPERPARAMS_CONVERTER.update({algo: convert_sampled_params for algo in SAMPLERS})
 
 
 def _option_value(arguments: list[str], *names: str) -> str | None:
