@@ -156,6 +156,9 @@ class KFAC(Optimizer):
     @staticmethod
     def _layer_rows(module: nn.Module, layer_input: th.Tensor, has_bias: bool) -> th.Tensor:
         """
+        :param module: a Linear or Conv2d layer
+        :param layer_input: its captured input
+        :param has_bias: whether to append the bias's column of ones
         :return: the layer's inputs as rows (one per sample and output location), with a column of ones for the bias
         """
         if isinstance(module, nn.Conv2d):
@@ -175,6 +178,8 @@ class KFAC(Optimizer):
     @staticmethod
     def _grad_rows(module: nn.Module, grad: th.Tensor) -> th.Tensor:
         """
+        :param module: a Linear or Conv2d layer
+        :param grad: the gradient with respect to its output
         :return: the output gradients as rows (one per sample and output location)
         """
         if isinstance(module, nn.Conv2d):
@@ -266,7 +271,12 @@ class KFAC(Optimizer):
         convolution this is the KFC factorisation with the number T of output locations carried by G
         (E[vec ∇W vec ∇Wᵀ] ≈ T·E[ggᵀ] ⊗ E[aaᵀ] under spatial homogeneity). For a free parameter,
         batch_size·(mean gradient)² estimates its Fisher diagonal without bias, because the score of sampled
-        targets has mean zero. Statistics that are not finite are not recorded (with a warning).
+        targets has mean zero (and the samples are independent: ``sample_independently``). Statistics that are not
+        finite are not recorded (with a warning).
+
+        :param rows: for each block, its layer-input rows and Fisher output-gradient rows (one list entry per call)
+        :param free_grads: the Fisher loss's gradients of the free parameters (None where unused)
+        :param batch_size: the number of samples of the forward pass
         """
         updates: list[tuple[nn.Parameter, str, th.Tensor]] = []
         for block, (inputs, output_grads) in rows.items():
@@ -314,6 +324,7 @@ class KFAC(Optimizer):
         """
         Symmetric eigendecomposition, retried in float64 when the first attempt fails or is not finite.
 
+        :param matrix: a symmetric matrix
         :return: (eigenvalues, eigenvectors) in the matrix's dtype, or None when both attempts failed
         """
         for dtype in dict.fromkeys((matrix.dtype, th.float64)):
@@ -329,6 +340,7 @@ class KFAC(Optimizer):
         """
         Eigendecompose A and G (clamped eigenvalues) and the π of the factored damping.
 
+        :param state: a block's optimizer state (its weight's), holding the running factors A and G
         :return: False when the decomposition failed or was not finite (the previous one, if any, is kept)
         """
         decomposed_a, decomposed_g = self._eigh(state["A"]), self._eigh(state["G"])
@@ -346,6 +358,8 @@ class KFAC(Optimizer):
     @staticmethod
     def _damped_inverses(state: dict[str, Any], damping: float) -> tuple[th.Tensor, th.Tensor]:
         """
+        :param state: a block's optimizer state, with its eigendecompositions
+        :param damping: λ
         :return: (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, built from the eigendecompositions and kept until they or λ change
         """
         if state.get("inverse_damping") != damping or "inverse_A" not in state:
