@@ -141,6 +141,20 @@ def test_save_and_load_restore_the_kfac_state(tmp_path: Path) -> None:
             else:
                 assert value == loaded_state[index][key], key
     assert {"A", "G", "Q_A", "eig_A", "Q_G", "eig_G", "pi", "stat_updates", "step_count", "momentum_buffer"} <= keys
+    # The damped inverses are not saved: the loaded optimizer rebuilds them, equal to those in use before saving
+    original = model.policy.optimizer
+    assert isinstance(original, KFAC)
+    original_state = original.state[original.blocks[0][1]]
+    assert "inverse_A" in original_state and "inverse_A" not in keys
+    loaded_optimizer = loaded.policy.optimizer
+    assert isinstance(loaded_optimizer, KFAC)
+    damping = original.param_groups[0]["damping"]
+    for rebuilt, used in zip(
+        KFAC._damped_inverses(loaded_optimizer.state[loaded_optimizer.blocks[0][1]], damping),
+        (original_state["inverse_A"], original_state["inverse_G"]),
+        strict=True,
+    ):
+        assert th.allclose(rebuilt, used)
     # The loaded optimizer is wired to the loaded policy: its hooks feed its statistics
     optimizer = loaded.policy.optimizer
     assert isinstance(optimizer, KFAC)

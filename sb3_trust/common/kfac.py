@@ -40,6 +40,10 @@ def _supported_layer(module: nn.Module) -> bool:
     )
 
 
+# Optimizer state that is derived from the rest and rebuilt on demand, so not saved
+_REBUILT_STATE = ("inverse_A", "inverse_G", "inverse_damping")
+
+
 class KFAC(Optimizer):
     """
     K-FAC with a trust region on the step's quadratic KL (the optimizer of ACKTR).
@@ -354,6 +358,20 @@ class KFAC(Optimizer):
         state["pi"] = math.sqrt(eig_a.mean().item() / eig_g.mean().item())
         state.pop("inverse_A", None)
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """
+        The optimizer state without the damped inverses, which ``_damped_inverses`` rebuilds from the
+        eigendecompositions when they are missing: they would be a third of a checkpoint's K-FAC state.
+
+        :return: the state to save
+        """
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {key: value for key, value in entries.items() if key not in _REBUILT_STATE}
+            for index, entries in state_dict["state"].items()
+        }
+        return state_dict
 
     @staticmethod
     def _damped_inverses(state: dict[str, Any], damping: float) -> tuple[th.Tensor, th.Tensor]:
