@@ -415,9 +415,9 @@ def make_setting(
     ours_only = {key: value for key, value in hyperparameters.items() if key in pair.ours_only}
     shared = {key: value for key, value in hyperparameters.items() if key not in ours_only}
     converted: dict[str, Any] = {}
-    if pair.per_dimension:
+    dimensions = action_dimensions(env_id) if pair.per_dimension else 1
+    if dimensions > 1:
         ours = {**class_defaults(pair.ours), **hyperparameters}
-        dimensions = action_dimensions(env_id)
         # Rounded so that 0.24 / 6 reads 0.04, not 0.039999999999999994
         converted = {key: float(f"{ours[key] / dimensions:.12g}") for key in pair.per_dimension}
     return Setting(

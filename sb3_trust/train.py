@@ -8,6 +8,7 @@ import argparse
 import ast
 import os
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,12 @@ UNSUPPORTED_RUN_KEYS = ("env_wrapper", "frame_stack", "callback")
 def find_config_dir() -> Path:
     """
     :return: the folder of the shipped hyperparameter files: ``zoo_configs/`` of the source checkout (an editable
-        install), else ``<prefix>/share/sb3_trust/zoo_configs`` where ``pip install .`` puts them
+        install), else ``share/sb3_trust/zoo_configs`` under the data folder where ``pip install .`` (or
+        ``pip install --user .``) puts them
     """
-    candidates = [
-        Path(__file__).resolve().parent.parent / "zoo_configs",
-        Path(sys.prefix) / "share" / "sb3_trust" / "zoo_configs",
-    ]
+    source_checkout = Path(__file__).resolve().parent.parent / "zoo_configs"
+    data_folders = [sysconfig.get_path("data"), sysconfig.get_path("data", f"{os.name}_user"), sys.prefix]
+    candidates = [source_checkout, *(Path(folder) / "share" / "sb3_trust" / "zoo_configs" for folder in data_folders)]
     return next((path for path in candidates if path.is_dir()), candidates[0])
 
 
@@ -121,9 +122,10 @@ def main(argv: list[str] | None = None) -> float:
         parser.error(f"unknown --algo {args.algo!r}; choose from {sorted(ALGORITHMS)}")
     hyperparameters = load_hyperparameters(algo, args.env)
     if not hyperparameters:
+        config = CONFIG_DIR / f"{algo}.yml"
+        missing = f"No entry for {args.env} in {config}" if config.exists() else f"{config} not found"
         warnings.warn(
-            f"No entry for {args.env} in {CONFIG_DIR / algo}.yml: {args.algo} runs with its class defaults, "
-            "one environment and no normalization",
+            f"{missing}: {args.algo} runs with its class defaults, one environment and no normalization",
             UserWarning,
             stacklevel=2,
         )

@@ -176,18 +176,30 @@ def test_load_with_new_kfac_settings_reaches_the_optimizer(tmp_path: Path) -> No
     assert (group["damping"], group["kl_clip"], group["momentum"], group["weight_decay"]) == (0.5, 0.1, 0.5, 1e-4)
 
 
-def test_gsde_fisher_actions_are_drawn_independently_per_row() -> None:
+@pytest.mark.parametrize("squash_output", [False, True])
+def test_gsde_fisher_actions_are_drawn_independently_per_row(squash_output: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sb3_trust.acktr import acktr as acktr_module
     from sb3_trust.common.distributions import sample_independently
 
-    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), use_sde=True, **SMALL)
+    settings = {**SMALL, "policy_kwargs": dict(net_arch=[16], squash_output=squash_output)}
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), use_sde=True, **settings)
     model.policy.reset_noise(1)
     observations = th.as_tensor(model.observation_space.sample()).repeat(4096, 1)
     distribution = model.policy.get_distribution(observations)
     # SB3's sample() shares one exploration matrix across the batch: identical states give identical actions
     assert th.unique(distribution.sample()).numel() == 1
     actions = sample_independently(distribution)
-    marginal_std = distribution.distribution.stddev[0]
-    assert th.allclose(actions.std(dim=0), marginal_std, rtol=0.1)
+    if squash_output:
+        # tanh of independent Gaussian draws (it saturates to ±1 in float32 for wide ones)
+        assert bool((actions.abs() <= 1).all()) and th.unique(actions).numel() > 1000
+    else:
+        assert th.allclose(actions.std(dim=0), distribution.distribution.stddev[0], rtol=0.1)
+
+    # ACKTR's Fisher loss draws its targets this way
+    calls: list[Any] = []
+    monkeypatch.setattr(acktr_module, "sample_independently", lambda dist: calls.append(dist) or sample_independently(dist))
+    model.learn(16)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(

@@ -279,11 +279,16 @@ def test_trpo_signature_is_sb3_contribs() -> None:
 
 
 @pytest.mark.parametrize("algo", [NPG, TRPO, PPOKL])
-def test_load_checks_the_rollout_of_the_new_env(algo: type[NPG], tmp_path: Any) -> None:
+def test_training_checks_the_rollout_of_a_loaded_models_env(algo: type[NPG], tmp_path: Any) -> None:
     model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=32, batch_size=64, seed=0)
     model.save(tmp_path / "model")
+    one_env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    # Loading with another number of envs is fine for predicting; training refuses a batch_size that no longer fits
+    loaded = algo.load(tmp_path / "model", env=one_env)
+    loaded.predict(one_env.reset(), deterministic=True)
     with pytest.raises(ValueError, match="batch_size"):
-        algo.load(tmp_path / "model", env=make_vec_env("CartPole-v1", n_envs=1, seed=0))
+        loaded.learn(32)
+    algo.load(tmp_path / "model", env=one_env, batch_size=32).learn(32)
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

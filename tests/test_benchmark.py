@@ -21,7 +21,7 @@ def test_steps_to_threshold_uses_the_moving_average() -> None:
     assert benchmark.steps_to_threshold(episodes, 50.0, window=2) == 100
 
 
-def test_class_defaults_follow_kwargs_to_the_base_class() -> None:
+def test_class_defaults_come_from_the_nearest_constructor() -> None:
     # NPG has no constructor of its own: its defaults are the base class's
     defaults = benchmark.class_defaults("sb3_trust.NPG")
     assert defaults["n_steps"] == 2048 and defaults["target_kl"] == 0.01
@@ -34,9 +34,13 @@ def test_peer_gets_the_trust_region_in_its_per_dimension_convention() -> None:
     assert (setting.kwargs["target_kl"], setting.kwargs["cg_damping"]) == (0.24, 0.6)
     assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.04, 0.1)
     assert setting.peer_kwargs["n_critic_updates"] == setting.kwargs["n_critic_updates"]
-    # our class's defaults are converted when the config has no value; one action dimension changes nothing
+    # one action dimension changes nothing: the peer gets the shared values (and both classes' default damping)
     setting = benchmark.make_setting(benchmark.PAIRS["npg"], "Pendulum-v1", {"target_kl": 0.02}, {}, None)
-    assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.02, 0.1)
+    assert setting.peer_kwargs == setting.kwargs and setting.peer_kwargs["target_kl"] == 0.02
+    assert "cg_damping" not in setting.peer_kwargs and benchmark.class_defaults("sb3_contrib.TRPO")["cg_damping"] == 0.1
+    # our class's default is converted when the config has no value (Hopper's entry sets cg_damping, not target_kl here)
+    setting = benchmark.make_setting(benchmark.PAIRS["npg"], "Hopper-v5", {}, {}, None)
+    assert setting.peer_kwargs["target_kl"] == float(f"{setting.kwargs['target_kl'] / 3:.12g}")
     setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "Hopper-v5", {"cg_damping": 0.3}, {"target_kl": 0.5}, None)
     assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.5, 0.1)
 

@@ -14,7 +14,12 @@ from torch.nn import functional as F
 from sb3_trust.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
-from sb3_trust.common.natural_gradient import SUPPORTED_ACTION_SPACES, check_positive, check_positive_integer
+from sb3_trust.common.natural_gradient import (
+    SUPPORTED_ACTION_SPACES,
+    check_positive,
+    check_positive_integer,
+    check_positive_or_infinite,
+)
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import values_and_distribution
 
@@ -115,7 +120,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         check_positive_integer(n_steps=n_steps)
-        check_positive(kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping, max_grad_norm=max_grad_norm)
+        check_positive(kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping)
+        check_positive_or_infinite(max_grad_norm=max_grad_norm)
         if not callable(learning_rate):
             check_positive(learning_rate=learning_rate)
         if not 0 < kfac_stat_decay < 1:

@@ -141,6 +141,13 @@ class KFAC(Optimizer):
     # --- statistics -------------------------------------------------------------------------------------------
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[th.Tensor, ...], output: th.Tensor) -> None:
+        """
+        Record a K-FAC layer's input and output during ``capture()``.
+
+        :param module: the layer
+        :param inputs: its positional inputs
+        :param output: its output
+        """
         if self._capturing and th.is_grad_enabled() and output.requires_grad:
             # The versions tell whether an in-place operation later overwrote what K-FAC reads in backward()
             self._calls.setdefault(module, []).append((inputs[0].detach(), output, (inputs[0]._version, output._version)))

@@ -54,6 +54,17 @@ def check_positive(**values: float) -> None:
             raise ValueError(f"`{name}` must be a finite positive number, got {value}")
 
 
+def check_positive_or_infinite(**values: float) -> None:
+    """
+    :param values: named numbers that must be > 0, infinity included (``max_grad_norm=inf`` turns clipping off, as
+        in SB3)
+    :raises ValueError: naming the first that is not (NaN included)
+    """
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"`{name}` must be positive, got {value}")
+
+
 def check_positive_integer(**values: int) -> None:
     """
     :param values: named counts that must be integers > 0 (a float such as 64.0 is refused: it would only fail
@@ -100,8 +111,6 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     :param target_kl: The trust region δ: the bound on the mean KL(π_old ‖ π_new) of one update
     :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
         (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
-    :param cg_tolerance: The conjugate gradient stops once the squared residual norm ‖g - (F + λI)s‖² is below
-        this (an absolute tolerance, as sb3-contrib's); an update whose gradient has ‖g‖² at or below it is skipped
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
         the reported success rate, mean episode length, and mean reward over
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -110,6 +119,8 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     :param seed: Seed for the pseudo random generators
     :param device: Device (cpu, cuda, ...) on which the code should be run.
         Setting it to auto, the code will be run on the GPU if possible.
+    :param cg_tolerance: The conjugate gradient stops once the squared residual norm ‖g - (F + λI)s‖² is below
+        this (an absolute tolerance, as sb3-contrib's); an update whose gradient has ‖g‖² at or below it is skipped
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
@@ -134,13 +145,13 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         normalize_advantage: bool = True,
         target_kl: float = 0.01,
         sub_sampling_factor: int = 1,
-        cg_tolerance: float = 1e-10,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
         verbose: int = 0,
         seed: int | None = None,
         device: th.device | str = "auto",
+        cg_tolerance: float = 1e-10,
         _init_setup_model: bool = True,
     ):
         check_positive(target_kl=target_kl)
@@ -181,24 +192,23 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
 
+        self._check_rollout_size()
         if _init_setup_model:
             self._setup_model()
 
     def _check_rollout_size(self) -> None:
         """
-        :raises ValueError: when ``batch_size`` does not divide the rollout, or the Fisher sub-sample would be
-            empty
+        :raises ValueError: when ``batch_size`` does not divide the rollout, or ``sub_sampling_factor`` exceeds it
+            (the Fisher sub-sample would have less than one state)
         """
         self._check_batch_size()
         if self.env is not None and self.sub_sampling_factor > self.env.num_envs * self.n_steps:
             raise ValueError(
                 f"`sub_sampling_factor` ({self.sub_sampling_factor}) exceeds the rollout size n_steps * n_envs "
-                f"= {self.env.num_envs * self.n_steps}: the Fisher matrix would be estimated on no state"
+                f"= {self.env.num_envs * self.n_steps}: the Fisher sub-sample would have less than one state"
             )
 
     def _setup_model(self) -> None:
-        # Here rather than in the constructor, so that load() checks the rollout of the environment it is given
-        self._check_rollout_size()
         super()._setup_model()
         self.actor_parameters, self.critic_parameters = split_actor_critic_parameters(self.policy)
         if not self.critic_parameters:

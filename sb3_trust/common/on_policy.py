@@ -45,6 +45,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         """
         Train the model; the arguments are SB3's ``learn()``'s, and ``tb_log_name`` defaults to the class name.
         """
+        # Checked here too, not only at construction: load() may have been given an env with another n_envs
+        self._check_rollout_size()
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
@@ -54,6 +56,14 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             progress_bar=progress_bar,
         )
 
+    def _check_rollout_size(self) -> None:
+        """
+        Check the parameters that must fit the rollout (n_steps * n_envs): at construction and before training.
+        Without minibatches there is nothing to check; algorithms with them override this.
+
+        :raises ValueError: when one does not fit
+        """
+
     def _check_batch_size(self) -> None:
         """
         :raises ValueError: when ``batch_size`` does not divide the rollout (n_steps * n_envs)
@@ -61,7 +71,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         if self.env is not None and (self.env.num_envs * self.n_steps) % self.batch_size != 0:
             raise ValueError(
                 f"`batch_size` ({self.batch_size}) must divide the rollout size n_steps * n_envs "
-                f"= {self.n_steps} * {self.env.num_envs} = {self.env.num_envs * self.n_steps}"
+                f"= {self.n_steps} * {self.env.num_envs} = {self.env.num_envs * self.n_steps} "
+                "(a loaded model takes another one with load(path, env, batch_size=...))"
             )
 
     def collect_rollouts(

@@ -14,7 +14,12 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.common.distributions import detach_distribution, mean_kl, select_distribution
-from sb3_trust.common.natural_gradient import SUPPORTED_ACTION_SPACES, check_positive, check_positive_integer
+from sb3_trust.common.natural_gradient import (
+    SUPPORTED_ACTION_SPACES,
+    check_positive,
+    check_positive_integer,
+    check_positive_or_infinite,
+)
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import evaluate_actions_with_distribution
 from sb3_trust.common.surrogate import index_observations
@@ -142,7 +147,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_positive(target_kl=target_kl, kl_coef=kl_coef, max_grad_norm=max_grad_norm)
+        check_positive(target_kl=target_kl, kl_coef=kl_coef)
+        check_positive_or_infinite(max_grad_norm=max_grad_norm)
         check_positive_integer(n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
         if not kl_tolerance > 1:
             raise ValueError(f"`kl_tolerance` must be > 1, got {kl_tolerance}")
@@ -179,6 +185,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
             supported_action_spaces=SUPPORTED_ACTION_SPACES,
         )
         self.batch_size = batch_size
+        self._check_rollout_size()
         self.n_epochs = n_epochs
         self.clip_range = clip_range
         self.clip_range_vf = clip_range_vf
@@ -192,9 +199,13 @@ class PPOKL(TrustOnPolicyAlgorithm):
         if _init_setup_model:
             self._setup_model()
 
-    def _setup_model(self) -> None:
-        # Here rather than in the constructor, so that load() checks the rollout of the environment it is given
+    def _check_rollout_size(self) -> None:
+        """
+        :raises ValueError: when ``batch_size`` does not divide the rollout
+        """
         self._check_batch_size()
+
+    def _setup_model(self) -> None:
         super()._setup_model()
         # β is set in the constructor, never here: load() calls _setup_model() after restoring the saved β
         self.clip_range = None if self.clip_range is None else FloatSchedule(self.clip_range)

@@ -24,8 +24,9 @@ class TRPO(NaturalGradientAlgorithm):
 
     Paper: https://arxiv.org/abs/1502.05477
 
-    The parameters, their order and their defaults are sb3-contrib's TRPO's (``cg_tolerance`` added); all but the
-    line search's are documented in :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`.
+    The parameters, their order and their defaults are sb3-contrib's TRPO's (``cg_tolerance`` added before
+    ``_init_setup_model``); all but the line search's are documented in
+    :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`.
 
     :param line_search_shrinking_factor: ρ in (0, 1): each line-search step is ρ times the previous one
     :param line_search_max_iter: The maximum number of step sizes the line search tries
@@ -58,13 +59,13 @@ class TRPO(NaturalGradientAlgorithm):
         normalize_advantage: bool = True,
         target_kl: float = 0.01,
         sub_sampling_factor: int = 1,
-        cg_tolerance: float = 1e-10,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
         verbose: int = 0,
         seed: int | None = None,
         device: th.device | str = "auto",
+        cg_tolerance: float = 1e-10,
         _init_setup_model: bool = True,
     ):
         if not 0.0 < line_search_shrinking_factor < 1.0:
@@ -90,13 +91,13 @@ class TRPO(NaturalGradientAlgorithm):
             normalize_advantage=normalize_advantage,
             target_kl=target_kl,
             sub_sampling_factor=sub_sampling_factor,
-            cg_tolerance=cg_tolerance,
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,
             policy_kwargs=policy_kwargs,
             verbose=verbose,
             seed=seed,
             device=device,
+            cg_tolerance=cg_tolerance,
             _init_setup_model=_init_setup_model,
         )
 
@@ -135,6 +136,11 @@ class TRPO(NaturalGradientAlgorithm):
         return PolicyStep(result.step_size, result.kl, float(np.float64(gain)), result.n_evaluations, True)
 
     def _record_step(self, step: PolicyStep) -> None:
+        """
+        Log what the step rule did, with the line search's number of evaluations and its outcome.
+
+        :param step: the step taken, or the zero step of a skipped update
+        """
         super()._record_step(step)
         self.logger.record("train/line_search_steps", step.line_search_steps)
         self.logger.record("train/is_line_search_success", float(step.accepted))
