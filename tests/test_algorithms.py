@@ -15,6 +15,7 @@ from stable_baselines3.common.envs import (
     IdentityEnvMultiDiscrete,
     SimpleMultiObsEnv,
 )
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_trust import NPG, PPOKL, TRPO
@@ -289,6 +290,26 @@ def test_training_checks_the_rollout_of_a_loaded_models_env(algo: type[NPG], tmp
     with pytest.raises(ValueError, match="batch_size"):
         loaded.learn(32)
     algo.load(tmp_path / "model", env=one_env, batch_size=32).learn(32)
+
+
+class FrozenCriticPolicy(ActorCriticPolicy):
+    """A policy whose value prediction has no trainable parameter (a fixed baseline)."""
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        for module in (self.mlp_extractor.value_net, self.value_net):
+            module.requires_grad_(False)
+
+
+def test_policy_without_trainable_critic_trains_its_actor() -> None:
+    model = NPG(FrozenCriticPolicy, make_vec_env("CartPole-v1", n_envs=1, seed=0), **SMALL)
+    assert model.critic_parameters == []
+    critic_before = [p.detach().clone() for p in model.policy.value_net.parameters()]
+    actor_before = th.cat([p.detach().flatten() for p in model.actor_parameters])
+    model.learn(64)
+    assert np.isnan(model.logger.name_to_value["train/value_loss"])
+    assert all(th.equal(old, new) for old, new in zip(critic_before, model.policy.value_net.parameters(), strict=True))
+    assert not th.equal(actor_before, th.cat([p.detach().flatten() for p in model.actor_parameters]))
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

@@ -2,7 +2,6 @@
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -12,15 +11,10 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_trust.common.checks import check_integer, check_non_negative, check_positive, check_positive_or_infinite
 from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
-from sb3_trust.common.natural_gradient import (
-    SUPPORTED_ACTION_SPACES,
-    check_positive,
-    check_positive_integer,
-    check_positive_or_infinite,
-)
-from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
+from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import values_and_distribution
 
 
@@ -119,21 +113,19 @@ class ACKTR(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_positive_integer(n_steps=n_steps)
+        check_integer(1, n_steps=n_steps)
         check_positive(kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping)
         check_positive_or_infinite(max_grad_norm=max_grad_norm)
         if not callable(learning_rate):
             check_positive(learning_rate=learning_rate)
         if not 0 < kfac_stat_decay < 1:
             raise ValueError(f"`kfac_stat_decay` must lie in (0, 1), got {kfac_stat_decay}")
-        check_positive_integer(kfac_inverse_update_freq=kfac_inverse_update_freq)
+        check_integer(1, kfac_inverse_update_freq=kfac_inverse_update_freq)
         check_positive(vf_fisher_coef=vf_fisher_coef)
         if not 0 <= kfac_momentum < 1:
             raise ValueError(f"`kfac_momentum` must lie in [0, 1), got {kfac_momentum}")
-        if isinstance(kfac_cold_iters, bool) or not isinstance(kfac_cold_iters, (int, np.integer)) or kfac_cold_iters < 0:
-            raise ValueError(f"`kfac_cold_iters` must be an integer >= 0, got {kfac_cold_iters!r}")
-        if not (np.isfinite(kfac_weight_decay) and kfac_weight_decay >= 0):
-            raise ValueError(f"`kfac_weight_decay` must be a finite number >= 0, got {kfac_weight_decay}")
+        check_integer(0, kfac_cold_iters=kfac_cold_iters)
+        check_non_negative(kfac_weight_decay=kfac_weight_decay)
         super().__init__(
             policy,
             env,

@@ -14,16 +14,15 @@ from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, 
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
+from sb3_trust.common.checks import check_integer, check_non_negative, check_positive
 from sb3_trust.common.conjugate_gradient import conjugate_gradient
 from sb3_trust.common.critic import MLPValueRegression, value_head_layers
 from sb3_trust.common.distributions import torch_distributions
 from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters, set_flat_parameters
-from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
+from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
 from sb3_trust.common.optim import LeanAdam
 from sb3_trust.common.policies import split_actor_critic_parameters
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
-
-SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 
 class PolicyStep(NamedTuple):
@@ -42,38 +41,6 @@ class PolicyStep(NamedTuple):
     objective_gain: float
     line_search_steps: int
     accepted: bool
-
-
-def check_positive(**values: float) -> None:
-    """
-    :param values: named numbers that must be finite and > 0
-    :raises ValueError: naming the first that is not
-    """
-    for name, value in values.items():
-        if not (value > 0 and np.isfinite(value)):
-            raise ValueError(f"`{name}` must be a finite positive number, got {value}")
-
-
-def check_positive_or_infinite(**values: float) -> None:
-    """
-    :param values: named numbers that must be > 0, infinity included (``max_grad_norm=inf`` turns clipping off, as
-        in SB3)
-    :raises ValueError: naming the first that is not (NaN included)
-    """
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"`{name}` must be positive, got {value}")
-
-
-def check_positive_integer(**values: int) -> None:
-    """
-    :param values: named counts that must be integers > 0 (a float such as 64.0 is refused: it would only fail
-        later, inside ``train()``)
-    :raises ValueError: naming the first that is not
-    """
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not value > 0:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
@@ -155,11 +122,9 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         check_positive(target_kl=target_kl)
-        check_positive_integer(cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
-        check_positive_integer(n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
-        for name, value in (("cg_damping", cg_damping), ("cg_tolerance", cg_tolerance)):
-            if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+        check_integer(1, cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
+        check_integer(1, n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
+        check_non_negative(cg_damping=cg_damping, cg_tolerance=cg_tolerance)
         super().__init__(
             policy,
             env,

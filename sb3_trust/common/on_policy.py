@@ -16,6 +16,8 @@ from stable_baselines3.common.vec_env import VecEnv
 
 SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustOnPolicyAlgorithm")
 
+# The action spaces of the sb3_trust algorithms (every distribution SB3's on-policy policies build)
+SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 # Rollout states are re-evaluated in chunks of this many samples (bounds memory for image observations)
 EVALUATION_CHUNK_SIZE = 2048
 

@@ -16,8 +16,10 @@ def _distribution_tensors(distribution: Distribution) -> list[th.Tensor]:
 
 
 def _reachable(outputs: list[th.Tensor], params: list[nn.Parameter]) -> list[bool]:
-    total = sum(output.sum() for output in outputs)
-    assert isinstance(total, th.Tensor)
+    total = sum(output.sum() for output in outputs if output.requires_grad)
+    if not isinstance(total, th.Tensor):
+        # No output depends on a trainable parameter (e.g. a frozen critic)
+        return [False] * len(params)
     grads = th.autograd.grad(total, params, allow_unused=True)
     return [grad is not None for grad in grads]
 

@@ -13,14 +13,9 @@ from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, 
 from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
+from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite
 from sb3_trust.common.distributions import detach_distribution, mean_kl, select_distribution
-from sb3_trust.common.natural_gradient import (
-    SUPPORTED_ACTION_SPACES,
-    check_positive,
-    check_positive_integer,
-    check_positive_or_infinite,
-)
-from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
+from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import evaluate_actions_with_distribution
 from sb3_trust.common.surrogate import index_observations
 from sb3_trust.ppokl.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -149,7 +144,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
     ):
         check_positive(target_kl=target_kl, kl_coef=kl_coef)
         check_positive_or_infinite(max_grad_norm=max_grad_norm)
-        check_positive_integer(n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
+        check_integer(1, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
         if not kl_tolerance > 1:
             raise ValueError(f"`kl_tolerance` must be > 1, got {kl_tolerance}")
         if not kl_coef_factor > 1:

@@ -8,8 +8,9 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
+from sb3_trust.common.checks import check_integer
 from sb3_trust.common.line_search import backtracking_line_search
-from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep, check_positive_integer
+from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate
 from sb3_trust.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
@@ -70,7 +71,7 @@ class TRPO(NaturalGradientAlgorithm):
     ):
         if not 0.0 < line_search_shrinking_factor < 1.0:
             raise ValueError(f"`line_search_shrinking_factor` must be in (0, 1), got {line_search_shrinking_factor}")
-        check_positive_integer(line_search_max_iter=line_search_max_iter)
+        check_integer(1, line_search_max_iter=line_search_max_iter)
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
         super().__init__(

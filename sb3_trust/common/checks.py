@@ -1,0 +1,46 @@
+"""Checks of constructor arguments shared by the algorithms: a bad value fails at construction, with its name."""
+
+import numpy as np
+
+
+def check_positive(**values: float) -> None:
+    """
+    :param values: named numbers that must be finite and > 0
+    :raises ValueError: naming the first that is not
+    """
+    for name, value in values.items():
+        if not (value > 0 and np.isfinite(value)):
+            raise ValueError(f"`{name}` must be a finite positive number, got {value}")
+
+
+def check_positive_or_infinite(**values: float) -> None:
+    """
+    :param values: named numbers that must be > 0, infinity included (``max_grad_norm=inf`` turns clipping off, as
+        in SB3)
+    :raises ValueError: naming the first that is not (NaN included)
+    """
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"`{name}` must be positive, got {value}")
+
+
+def check_non_negative(**values: float) -> None:
+    """
+    :param values: named numbers that must be finite and >= 0
+    :raises ValueError: naming the first that is not (NaN included)
+    """
+    for name, value in values.items():
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+
+
+def check_integer(minimum: int, **values: int) -> None:
+    """
+    :param minimum: the smallest value allowed
+    :param values: named counts that must be integers >= ``minimum`` (a float such as 64.0 is refused: it would only
+        fail later, inside ``train()``)
+    :raises ValueError: naming the first that is not
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not value >= minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
