@@ -16,6 +16,7 @@ from stable_baselines3.common.envs import (
     SimpleMultiObsEnv,
 )
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_trust import NPG, PPOKL, TRPO
@@ -337,10 +338,6 @@ def test_save_load_reproduces_and_continues(algo: type[NPG], tmp_path: Any) -> N
 
 
 def test_rollout_values_and_log_probs_match_sb3_forward() -> None:
-    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
-    model.learn(64)
-    buffer = model.rollout_buffer
-    # The update changed the policy: recompute with the parameters of the rollout
     model2 = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
     model2._setup_learn(64)
     model2.collect_rollouts(model2.env, model2._init_callback(None), model2.rollout_buffer, model2.n_steps)
@@ -375,6 +372,66 @@ def test_hand_written_critic_regression_matches_autograd(monkeypatch: pytest.Mon
     assert any(not th.equal(a, b) for a, b in zip(hand_written, start_parameters, strict=True))
     for a, b in zip(hand_written, autograd, strict=True):
         assert th.allclose(a, b, atol=1e-5)
+
+
+def collected_rollout(model: NPG, n_steps: int) -> tuple[th.Tensor, th.Tensor]:
+    model._setup_learn(n_steps)
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, n_steps)
+    buffer = model.rollout_buffer
+    observations = th.as_tensor(buffer.observations.reshape(n_steps * buffer.n_envs, -1))
+    return observations, th.as_tensor(buffer.actions.reshape(len(observations), -1))
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_rollout_actions_follow_the_policys_law(env_id: str) -> None:
+    # The direct draw of a stock policy: the standardised actions have mean 0 and variance 1 under the policy
+    model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=0), n_steps=2048, batch_size=128, seed=0)
+    observations, actions = collected_rollout(model, 2048)
+    with th.no_grad():
+        distribution = model.policy.get_distribution(observations).distribution
+    if isinstance(distribution, th.distributions.Normal):
+        standardised = ((actions - distribution.mean) / distribution.stddev).flatten()
+        assert abs(standardised.mean().item()) < 0.1 and abs(standardised.var().item() - 1.0) < 0.1
+    else:
+        # Each draw is 1 with probability p: E[a - p] = 0 (binary action)
+        assert abs((actions.flatten() - distribution.probs[:, 1]).mean().item()) < 0.05
+
+
+def test_rollout_actions_of_a_policy_with_its_own_distribution() -> None:
+    class ShiftedMeanPolicy(ActorCriticPolicy):
+        def _get_action_dist_from_latent(self, latent_pi: th.Tensor) -> Any:
+            return self.action_dist.proba_distribution(self.action_net(latent_pi) + 3.0, self.log_std)
+
+    model = TRPO(ShiftedMeanPolicy, make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=512, batch_size=128, seed=0)
+    observations, actions = collected_rollout(model, 512)
+    with th.no_grad():
+        mean = model.policy.get_distribution(observations).distribution.mean
+    assert abs((actions - mean).mean().item()) < 0.15
+
+
+def test_critic_with_its_own_forward_is_regressed_through_it() -> None:
+    class ScaledCriticExtractor(MlpExtractor):
+        def forward_critic(self, features: th.Tensor) -> th.Tensor:
+            return self.value_net(10.0 * features)
+
+        def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+            return self.forward_actor(features), self.forward_critic(features)
+
+    class ScaledCriticPolicy(ActorCriticPolicy):
+        def _build_mlp_extractor(self) -> None:
+            self.mlp_extractor = ScaledCriticExtractor(self.features_dim, self.net_arch, self.activation_fn, self.device)
+
+    model = TRPO(ScaledCriticPolicy, make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=128, batch_size=128, seed=0)
+    model.learn(128)
+    samples = next(model.rollout_buffer.get(batch_size=None))
+    features = model.policy.extract_features(samples.observations)
+    model._critic_regression_step()(features, samples.returns.flatten())
+    gradients = [param.grad.clone() for param in model.critic_parameters]
+    model.policy.optimizer.zero_grad()
+    values = model.policy.predict_values(samples.observations).flatten()
+    th.nn.functional.mse_loss(values, samples.returns.flatten()).backward()
+    for gradient, param in zip(gradients, model.critic_parameters, strict=True):
+        assert th.allclose(gradient, param.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("algo", [NPG, TRPO, PPOKL])

@@ -64,6 +64,21 @@ def test_fisher_vector_product_equals_kl_hessian(name: str) -> None:
     assert th.linalg.eigvalsh((damped + damped.T) / 2).min() > 0.1 - 1e-4
 
 
+def test_fisher_vector_product_with_frozen_log_std() -> None:
+    # Fixed exploration noise: σ is reached by no trainable parameter, so only the mean's block of F remains
+    policy = tiny_policy("gaussian")
+    policy.log_std.requires_grad_(False)
+    actor, _ = split_actor_critic_parameters(policy)
+    assert all(param is not policy.log_std for param in actor)
+    obs = th.randn(9, 3)
+    fvp = FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.0)
+    assert fvp.is_analytic
+    hessian = dense_kl_hessian(policy, obs, actor)
+    fisher = dense_fisher(fvp, sum(p.numel() for p in actor))
+    assert hessian.norm() > 1e-3
+    assert (fisher - hessian).norm() / hessian.norm() < 1e-5
+
+
 @pytest.mark.parametrize("name", ["gaussian", "categorical"])
 def test_fallback_kl_hessian_path_matches_analytic(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     policy = tiny_policy(name, seed=1)

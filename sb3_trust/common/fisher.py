@@ -45,8 +45,12 @@ class FisherVectorProduct:
         fisher = fisher_parameters(distribution)
         self.is_analytic = fisher is not None
         if fisher is not None:
-            self._outputs, self._metric = fisher
-            self._batch_size = self._outputs[0].shape[0]
+            all_outputs, self._metric = fisher
+            self._batch_size = all_outputs[0].shape[0]
+            # A distribution parameter that no trainable parameter reaches (e.g. a frozen log_std) has J = 0: its
+            # tangent is zero and its block of Jᵀ M J v drops out, so it is left out of the products (exactly)
+            self._zero_tangents = [None if output.requires_grad else th.zeros_like(output) for output in all_outputs]
+            self._outputs = [output for output in all_outputs if output.requires_grad]
             self._cotangents = [th.zeros_like(output, requires_grad=True) for output in self._outputs]
             # Jᵀ u, kept as a graph that is linear in u
             self._jacobian_transpose = th.autograd.grad(
@@ -82,8 +86,12 @@ class FisherVectorProduct:
             allow_unused=True,
             materialize_grads=True,
         )
-        metric_jacobian_vector = self._metric(list(jacobian_vector))
-        product = th.autograd.grad(self._outputs, self.params, metric_jacobian_vector, retain_graph=True, allow_unused=True)
+        tangents = iter(jacobian_vector)
+        metric_jacobian_vector = self._metric([next(tangents) if zero is None else zero for zero in self._zero_tangents])
+        trainable_blocks = [
+            block for block, zero in zip(metric_jacobian_vector, self._zero_tangents, strict=True) if zero is None
+        ]
+        product = th.autograd.grad(self._outputs, self.params, trainable_blocks, retain_graph=True, allow_unused=True)
         return _flat(product, self.params).detach() / self._batch_size
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
@@ -344,7 +345,8 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         Fit the critic to the GAE returns: ``n_critic_updates`` epochs of minibatch regression.
 
         With a feature extractor shared with the actor, its features are computed once and held fixed here, and
-        an MLP value head gets its gradients from :class:`~sb3_trust.common.critic.MLPValueRegression`.
+        SB3's MLP value head gets its gradients from :class:`~sb3_trust.common.critic.MLPValueRegression`. A policy
+        that overrides ``predict_values`` is regressed through it, on the observations.
 
         :param samples: the whole rollout
         :return: the mean squared error of the last epoch
@@ -354,9 +356,10 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         policy = self.policy
         returns = samples.returns.flatten()
         regression_step = self._critic_regression_step()
-        if policy.share_features_extractor:
+        if self._critic_on_fixed_features():
             with th.no_grad():
-                inputs: Any = policy.extract_features(samples.observations)
+                # As ActorCriticPolicy.predict_values extracts them
+                inputs: Any = BaseModel.extract_features(policy, samples.observations, policy.vf_features_extractor)
         else:
             inputs = samples.observations
 
@@ -386,15 +389,23 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             warnings.warn(f"{n_skipped} critic minibatches skipped: non-finite value loss", RuntimeWarning, stacklevel=2)
         return th.stack(epoch_losses).mean().item() if epoch_losses else float("nan")
 
+    def _critic_on_fixed_features(self) -> bool:
+        """
+        :return: whether the critic regresses on the shared feature extractor's output, held fixed: a shared
+            extractor, and SB3's ``predict_values`` (value_net ∘ forward_critic ∘ features)
+        """
+        return self.policy.share_features_extractor and type(self.policy).predict_values is ActorCriticPolicy.predict_values
+
     def _critic_regression_step(self) -> Callable[[Any, th.Tensor], th.Tensor]:
         """
         The function that computes one minibatch's value loss and leaves its gradients in the critic's ``.grad``.
 
-        :return: (critic inputs, returns) ↦ detached loss; the inputs are the shared features when the feature
-            extractor is shared, the observations otherwise
+        :return: (critic inputs, returns) ↦ detached loss; the inputs are the shared features when
+            ``_critic_on_fixed_features()``, the observations otherwise
         """
         policy = self.policy
-        if policy.share_features_extractor:
+        on_fixed_features = self._critic_on_fixed_features()
+        if on_fixed_features and type(policy.mlp_extractor).forward_critic is MlpExtractor.forward_critic:
             head = value_head_layers(policy)
             head_parameters = {id(param) for module in head for param in module.parameters()}
             regression = MLPValueRegression.build(head)
@@ -402,13 +413,14 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
                 return regression.loss_and_gradients
 
         def autograd_step(inputs: Any, targets: th.Tensor) -> th.Tensor:
-            if policy.share_features_extractor:
+            if on_fixed_features:
                 values = policy.value_net(policy.mlp_extractor.forward_critic(inputs))
             else:
                 values = policy.predict_values(inputs)
             loss = F.mse_loss(values.flatten(), targets)
             policy.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Only into the critic's .grad: through predict_values the loss also reaches a shared extractor
+            loss.backward(inputs=self.critic_parameters)
             return loss.detach()
 
         return autograd_step

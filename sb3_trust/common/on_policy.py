@@ -1,5 +1,6 @@
 """On-policy base shared by the sb3_trust algorithms: SB3's rollout loop with one forward pass per step."""
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
@@ -9,7 +10,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-from stable_baselines3.common.policies import BaseModel
+from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
 from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
@@ -20,6 +21,9 @@ SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustO
 SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 # Rollout states are re-evaluated in chunks of this many samples (bounds memory for image observations)
 EVALUATION_CHUNK_SIZE = 2048
+# The ActorCriticPolicy methods that define the law of a rollout's actions: a policy class that overrides any of them
+# draws its actions through its own forward(), as in SB3's rollout
+ACTION_LAW_METHODS = ("forward", "extract_features", "get_distribution", "_get_action_dist_from_latent")
 
 
 class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
@@ -30,7 +34,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     Only the action is needed to step the environment: the policy does not change during a rollout, so the
     values and log-probabilities of all collected states are computed here in one batched pass when the rollout
     ends. The buffer contents and the callbacks' calls are the same as SB3's; each step runs only the actor,
-    and draws its action without SB3's distribution objects where the law allows (``_sample_actions``).
+    and draws its action without SB3's distribution objects where the law allows (``_action_sampler``).
     """
 
     batch_size: int
@@ -105,6 +109,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         placeholder = th.zeros(env.num_envs)
         truncated_episodes: list[tuple[int, int, np.ndarray | dict[str, np.ndarray]]] = []
         clip_actions = isinstance(self.action_space, spaces.Box) and not self.policy.squash_output
+        sample_actions = self._action_sampler()
         callback.on_rollout_start()
 
         while n_steps < n_rollout_steps:
@@ -112,7 +117,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
                 self.policy.reset_noise(env.num_envs)
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                action_tensor = self._sample_actions(obs_tensor)
+                action_tensor = sample_actions(obs_tensor)
             actions = action_tensor.reshape((-1, *self.action_space.shape)).cpu().numpy()  # type: ignore[misc]
             clipped_actions = actions
             if clip_actions:
@@ -159,20 +164,33 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         callback.on_rollout_end()
         return True
 
-    def _sample_actions(self, obs_tensor: th.Tensor | TensorDict) -> th.Tensor:
+    def _action_sampler(self) -> Callable[[th.Tensor | TensorDict], th.Tensor]:
         """
-        Draw actions from the current policy, without building a distribution object where that is avoidable.
+        How this rollout draws actions from the current policy.
 
-        For the diagonal Gaussian and the categorical, SB3's ``Distribution`` wrappers (and torch's argument
-        validation) cost more than the network itself at the batch sizes of a rollout; the draw here has the same
-        law. Other distributions (gSDE, multi-categorical, Bernoulli, custom) go through SB3.
+        For SB3's own policy classes with a diagonal Gaussian or a categorical, SB3's ``Distribution`` wrappers
+        (and torch's argument validation) cost more than the network itself at the batch sizes of a rollout, so
+        the action is drawn from the actor's output directly, with the same law. Other distributions (gSDE,
+        multi-categorical, Bernoulli) go through ``get_distribution``; a policy class that overrides a method
+        defining the action law (``ACTION_LAW_METHODS``) is called as SB3's rollout calls it, ``policy(obs)``.
+
+        :return: observations of the vectorized environment ↦ sampled actions
+        """
+        policy = self.policy
+        if any(getattr(type(policy), name) is not getattr(ActorCriticPolicy, name) for name in ACTION_LAW_METHODS):
+            return lambda obs_tensor: policy(obs_tensor)[0]
+        if type(policy.action_dist) not in (DiagGaussianDistribution, CategoricalDistribution):
+            return lambda obs_tensor: policy.get_distribution(obs_tensor).get_actions()
+        return self._sample_actions_directly
+
+    def _sample_actions_directly(self, obs_tensor: th.Tensor | TensorDict) -> th.Tensor:
+        """
+        Draw from a stock policy's diagonal Gaussian or categorical without building a distribution object.
 
         :param obs_tensor: observations of the vectorized environment
         :return: the sampled actions
         """
         policy = self.policy
-        if type(policy.action_dist) not in (DiagGaussianDistribution, CategoricalDistribution):
-            return policy.get_distribution(obs_tensor).get_actions()
         features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
         action_params = policy.action_net(policy.mlp_extractor.forward_actor(features))
         if isinstance(policy.action_dist, DiagGaussianDistribution):

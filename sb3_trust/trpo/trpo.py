@@ -25,12 +25,44 @@ class TRPO(NaturalGradientAlgorithm):
 
     Paper: https://arxiv.org/abs/1502.05477
 
-    The parameters, their order and their defaults are sb3-contrib's TRPO's (``cg_tolerance`` added before
-    ``_init_setup_model``); all but the line search's are documented in
-    :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`.
+    The parameters, their order and their defaults are sb3-contrib's TRPO's, with ``cg_tolerance`` added before
+    ``_init_setup_model``.
 
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: The learning rate of the critic's optimizer (the actor's step is set by ``target_kl``);
+        it can be a function of the current progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update
+        (i.e. rollout buffer size is n_steps * n_envs where n_envs is number of environment copies running in parallel)
+    :param batch_size: Minibatch size of the critic's regression
+    :param gamma: Discount factor
+    :param cg_max_steps: Maximum number of conjugate-gradient iterations for F⁻¹ g
+    :param cg_damping: Damping λ added to the Fisher matrix (F + λI) in the conjugate gradient
     :param line_search_shrinking_factor: ρ in (0, 1): each line-search step is ρ times the previous one
     :param line_search_max_iter: The maximum number of step sizes the line search tries
+    :param n_critic_updates: Number of epochs of critic regression per rollout
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+        instead of action noise exploration (default: False)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        Default: -1 (only sample at the beginning of the rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize the advantages over the rollout
+    :param target_kl: The trust region δ: the bound on the mean KL(π_old ‖ π_new) of one update
+    :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
+        (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation
+    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param cg_tolerance: The conjugate gradient stops once the squared residual norm ‖g - (F + λI)s‖² is below
+        this (an absolute tolerance, as sb3-contrib's); an update whose gradient has ‖g‖² at or below it is skipped
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
