@@ -176,6 +176,26 @@ def test_load_with_new_kfac_settings_reaches_the_optimizer(tmp_path: Path) -> No
     assert (group["damping"], group["kl_clip"], group["momentum"], group["weight_decay"]) == (0.5, 0.1, 0.5, 1e-4)
 
 
+def test_settings_changed_on_the_model_reach_the_optimizer() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), **SMALL)
+    model.max_grad_norm, model.kfac_stat_decay, model.kfac_inverse_update_freq, model.kfac_cold_iters = 0.1, 0.5, 1, 3
+    model.learn(16)
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    settings = (optimizer.max_grad_norm, optimizer.stat_decay, optimizer.inverse_update_freq, optimizer.cold_iters)
+    assert settings == (0.1, 0.5, 1, 3)
+
+
+def test_load_with_a_zero_learning_rate_predicts_and_keeps_its_parameters(tmp_path: Path) -> None:
+    # What rl-zoo3's enjoy does with every model
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    ACKTR("MlpPolicy", env, **SMALL).learn(32).save(tmp_path / "acktr.zip")
+    loaded = ACKTR.load(tmp_path / "acktr.zip", env=env, custom_objects={"learning_rate": 0.0, "lr_schedule": lambda _: 0.0})
+    before = [param.detach().clone() for param in loaded.policy.parameters()]
+    loaded.learn(16, reset_num_timesteps=False)
+    assert all(th.equal(old, param) for old, param in zip(before, loaded.policy.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("squash_output", [False, True])
 def test_gsde_fisher_actions_are_drawn_independently_per_row(squash_output: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from sb3_trust.acktr import acktr as acktr_module
@@ -218,6 +238,8 @@ def test_gsde_fisher_actions_are_drawn_independently_per_row(squash_output: bool
         dict(vf_fisher_coef=float("nan")),
         dict(kfac_damping=float("inf")),
         dict(n_steps=8.0),
+        dict(gamma=-0.1),
+        dict(gae_lambda=1.01),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict[str, Any]) -> None:

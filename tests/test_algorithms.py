@@ -194,6 +194,9 @@ def test_trpo_logs_expected_keys() -> None:
         (dict(n_steps=64, batch_size=32, sub_sampling_factor=65), "sub_sampling_factor"),
         (dict(cg_tolerance=float("nan")), "cg_tolerance"),
         (dict(cg_tolerance=-1.0), "cg_tolerance"),
+        (dict(gamma=1.5), "gamma"),
+        (dict(gamma=float("nan")), "gamma"),
+        (dict(gae_lambda=-0.5), "gae_lambda"),
     ],
 )
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -243,6 +246,19 @@ def test_non_finite_step_never_reaches_parameters(algo: type[NPG], monkeypatch: 
         model.train()
     for old, new in zip(before, model.actor_parameters, strict=True):
         assert th.equal(old, new)
+
+
+def test_npg_undoes_a_finite_step_to_a_policy_without_a_finite_kl(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = NPG("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), **SMALL)
+    model.learn(64)
+    before = [p.detach().clone() for p in model.actor_parameters]
+    # Finite parameters, but the new means and standard deviations overflow float32
+    monkeypatch.setattr(model, "_max_step_size", lambda quadratic_form: 1e30)
+    with pytest.warns(RuntimeWarning, match="KL or surrogate is not finite"):
+        model.train()
+    for old, new in zip(before, model.actor_parameters, strict=True):
+        assert th.equal(old, new)
+    assert model.logger.name_to_value["train/step_size"] == 0.0
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

@@ -188,9 +188,10 @@ def test_momentum_averages_the_bounded_steps() -> None:
             assert th.allclose(old - param, expected_fraction * bounded, rtol=1e-6, atol=1e-12)
 
 
-def test_cold_iterations_are_plain_sgd() -> None:
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_cold_iterations_take_the_raw_gradient(momentum: float) -> None:
     network = _tiny_network()
-    optimizer = KFAC(network, lr=0.3, momentum=0.0, cold_iters=1)
+    optimizer = KFAC(network, lr=0.3, momentum=momentum, cold_iters=1)
     generator = th.Generator().manual_seed(5)
     inputs = th.randn(16, 3, dtype=th.float64, generator=generator)
     _categorical_fisher_pass(optimizer, network, inputs, generator)
@@ -199,8 +200,9 @@ def test_cold_iterations_are_plain_sgd() -> None:
     grads = [param.grad.clone() for param in network.parameters()]  # type: ignore[union-attr]
     before = [param.detach().clone() for param in network.parameters()]
     optimizer.step()
+    # lr/3, through the momentum's (1 - momentum) factor like every step (the buffer starts at zero)
     for old, param, grad in zip(before, network.parameters(), grads, strict=True):
-        assert th.allclose(old - param, 0.1 * grad)
+        assert th.allclose(old - param, (1.0 - momentum) * 0.1 * grad)
     # The next step is a K-FAC step: not parallel to the gradient
     optimizer.zero_grad()
     (network(inputs) ** 2).mean().backward()
@@ -212,12 +214,29 @@ def test_cold_iterations_are_plain_sgd() -> None:
     assert cosine < 0.999
 
 
-def test_non_finite_gradient_leaves_parameters_unchanged() -> None:
+@pytest.mark.parametrize("cause", ["gradient", "learning rate"])
+def test_non_finite_gradient_or_learning_rate_leaves_parameters_unchanged(cause: str) -> None:
     network, optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3)
-    network[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+    optimizer.step()
+    assert math.isfinite(optimizer.step_scale) and math.isfinite(optimizer.kl_estimate)
+    if cause == "gradient":
+        network[0].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+    else:
+        optimizer.param_groups[0]["lr"] = float("inf")  # e.g. from a learning-rate schedule
     before = [param.detach().clone() for param in network.parameters()]
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+    with pytest.warns(RuntimeWarning, match="non-finite gradient or learning rate"):
         optimizer.step()
+    for old, param in zip(before, network.parameters(), strict=True):
+        assert th.equal(old, param)
+    # No diagnostics of a step that was not taken (not the previous step's)
+    assert math.isnan(optimizer.step_scale) and math.isnan(optimizer.kl_estimate)
+
+
+def test_zero_learning_rate_leaves_parameters_unchanged() -> None:
+    # rl-zoo3's enjoy loads every model with learning_rate=0
+    network, optimizer, _ = _prepared(lr=0.0, kl_clip=1e-3)
+    before = [param.detach().clone() for param in network.parameters()]
+    optimizer.step()
     for old, param in zip(before, network.parameters(), strict=True):
         assert th.equal(old, param)
 
@@ -308,19 +327,75 @@ def test_convolution_factors_have_the_patch_dimension() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(lr=0.0),
+        dict(lr=-0.1),
+        dict(lr=float("inf")),
         dict(damping=-1.0),
         dict(kl_clip=0.0),
         dict(stat_decay=1.0),
         dict(stat_decay=0.0),
         dict(inverse_update_freq=0),
+        dict(inverse_update_freq=2.5),
+        dict(cold_iters=1.5),
         dict(momentum=1.0),
         dict(eigenvalue_min=0.0),
+        dict(eigenvalue_min=float("inf")),
+        dict(weight_decay=float("nan")),
+        dict(max_grad_norm=0.0),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         KFAC(nn.Linear(2, 2), **kwargs)
+
+
+def test_convolution_factors_carry_the_number_of_locations_in_g() -> None:
+    # KFC: A = mean over samples and locations of the patches' outer products, G = mean over samples of the sum over
+    # locations of the per-sample scores' outer products, so G ⊗ A has the scale of the summed per-sample Fisher
+    th.manual_seed(2)
+    conv = nn.Conv2d(2, 3, kernel_size=1).double()
+    optimizer = KFAC(conv)
+    n_samples, inputs = 7, th.randn(7, 2, 2, 2, dtype=th.float64)
+    with optimizer.capture():
+        outputs = conv(inputs)
+    logits = outputs.permute(0, 2, 3, 1).reshape(-1, 3)  # a categorical over 3 classes at each of 4 locations
+    targets = th.multinomial(th.softmax(logits.detach(), dim=-1), 1, generator=th.Generator().manual_seed(0))
+    per_sample_nll = -th.log_softmax(logits, dim=-1).gather(1, targets).reshape(n_samples, 4).sum(dim=1)
+    optimizer.backward(outputs.sum() * 0.0, per_sample_nll.mean(), batch_size=n_samples)
+    factor_a, factor_g = optimizer.kronecker_factors(conv)
+    scores = (th.softmax(logits.detach(), dim=-1) - nn.functional.one_hot(targets.squeeze(1), 3)).reshape(n_samples, 4, 3)
+    patches = th.cat([inputs.permute(0, 2, 3, 1).reshape(-1, 2), th.ones(n_samples * 4, 1, dtype=th.float64)], dim=1)
+    assert th.allclose(factor_a, patches.T @ patches / (n_samples * 4))
+    assert th.allclose(factor_g, th.einsum("nli,nlj->ij", scores, scores) / n_samples)
+
+
+def test_tied_weights_get_a_diagonal_preconditioner() -> None:
+    encoder, decoder = nn.Linear(3, 3, bias=False), nn.Linear(3, 3)
+    decoder.weight = encoder.weight
+    model = nn.Sequential(encoder, nn.Tanh(), decoder)
+    optimizer = KFAC(model)
+    assert [module for module, _, _ in optimizer.blocks] == []
+    assert {id(param) for param in optimizer.diagonal_params} == {id(encoder.weight), id(decoder.bias)}
+
+
+def test_weights_used_outside_their_layer_call_still_train() -> None:
+    # nn.MultiheadAttention applies its out_proj (an nn.Linear) functionally, without calling it
+    th.manual_seed(0)
+    attention, head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+    model = nn.ModuleDict(dict(attention=attention, head=head))
+    optimizer = KFAC(model, lr=0.1)
+    inputs = th.randn(8, 3, 4)
+    before = attention.out_proj.weight.detach().clone()
+    with optimizer.capture():
+        logits = head(attention(inputs, inputs, inputs)[0].mean(dim=1))
+    reference = th.autograd.grad((logits**2).mean(), attention.out_proj.weight, retain_graph=True)[0]
+    fisher_loss = -th.log_softmax(logits, dim=-1)[:, 0].mean()
+    with pytest.warns(RuntimeWarning, match="used outside their layer"):
+        optimizer.backward((logits**2).mean(), fisher_loss, batch_size=8)
+    assert th.allclose(attention.out_proj.weight.grad, reference)  # type: ignore[arg-type]
+    assert any(param is attention.out_proj.weight for param in optimizer.diagonal_params)
+    assert [module for module, _, _ in optimizer.blocks] == [head]
+    optimizer.step()
+    assert not th.equal(before, attention.out_proj.weight)
 
 
 def test_in_place_change_of_a_captured_output_is_refused() -> None:

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 import torch as th
 from torch import nn
@@ -11,10 +13,18 @@ def make_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=1e-3, eps=1e-5), dict(lr=3e-2, weight_decay=0.01, betas=(0.8, 0.99))])
-def test_lean_adam_matches_fused_adam_exactly(kwargs: dict) -> None:
+def test_lean_adam_matches_fused_adam_exactly(kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     reference_model, lean_model = make_model(), make_model()
     reference = th.optim.Adam(reference_model.parameters(), fused=True, **kwargs)
     lean = LeanAdam(lean_model.parameters(), **kwargs)
+    torch_steps: list[th.optim.Optimizer] = []
+    torch_step = th.optim.Adam.step
+
+    def counted_torch_step(self: th.optim.Adam, closure: Any = None) -> Any:
+        torch_steps.append(self)
+        return torch_step(self, closure)
+
+    monkeypatch.setattr(th.optim.Adam, "step", counted_torch_step)
     x, y = th.randn(32, 5), th.randn(32, 1)
     for _ in range(25):
         for model, optimizer in ((reference_model, reference), (lean_model, lean)):
@@ -23,6 +33,8 @@ def test_lean_adam_matches_fused_adam_exactly(kwargs: dict) -> None:
             optimizer.step()
     for a, b in zip(reference_model.parameters(), lean_model.parameters(), strict=True):
         assert th.equal(a, b)
+    # Only the first step, which creates the state, went through torch's Adam.step: the others took the short path
+    assert sum(optimizer is lean for optimizer in torch_steps) == 1
     assert lean.state_dict()["state"][0]["step"].item() == 25
     # The state dict is plain Adam's: it loads into torch's optimizer and back
     reference.load_state_dict(lean.state_dict())

@@ -11,7 +11,13 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
-from sb3_trust.common.checks import check_integer, check_non_negative, check_positive, check_positive_or_infinite
+from sb3_trust.common.checks import (
+    check_integer,
+    check_non_negative,
+    check_positive,
+    check_positive_or_infinite,
+    check_unit_interval,
+)
 from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
 from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
@@ -51,7 +57,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
     :param kfac_damping: λ, Tikhonov damping of the Fisher blocks (split between the two factors by π)
     :param kfac_stat_decay: Decay of the running averages of the Kronecker factors, in (0, 1)
     :param kfac_inverse_update_freq: The factors are eigendecomposed every this many updates
-    :param kfac_cold_iters: Number of first updates done with plain SGD (lr/3) while the statistics warm up.
+    :param kfac_cold_iters: Number of first updates done with the raw gradient (lr/3, same momentum, no trust
+        region) while the statistics warm up.
         Default 0: the running averages are debiased (the first ones are plain means of the updates so far), so
         K-FAC's curvature is usable from the first update; baselines uses 10 with zero-initialised statistics.
     :param kfac_momentum: Momentum of the scaled K-FAC step (baselines: 0.9)
@@ -114,6 +121,7 @@ class ACKTR(TrustOnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         check_integer(1, n_steps=n_steps)
+        check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
         check_positive(kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping)
         check_positive_or_infinite(max_grad_norm=max_grad_norm)
         if not callable(learning_rate):
@@ -185,13 +193,18 @@ class ACKTR(TrustOnPolicyAlgorithm):
         optimizer = self.policy.optimizer
         assert isinstance(optimizer, KFAC)
         self._update_learning_rate(optimizer)
-        # The model's settings win over those a loaded optimizer state brought back (load(..., custom_objects=...))
+        # The model's settings win over those a loaded optimizer state brought back (load(..., custom_objects=...)),
+        # and a setting changed on the model applies from the next update, as in SB3's A2C
         optimizer.param_groups[0].update(
             damping=self.kfac_damping,
             kl_clip=self.kfac_kl_clip,
             momentum=self.kfac_momentum,
             weight_decay=self.kfac_weight_decay,
         )
+        optimizer.stat_decay = self.kfac_stat_decay
+        optimizer.inverse_update_freq = self.kfac_inverse_update_freq
+        optimizer.cold_iters = self.kfac_cold_iters
+        optimizer.max_grad_norm = self.max_grad_norm
 
         samples = next(self.rollout_buffer.get(batch_size=None))
         actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
@@ -212,11 +225,11 @@ class ACKTR(TrustOnPolicyAlgorithm):
         loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
 
         # Sampled Fisher of the joint model π(a|s)·N(y; v(s), σ²): a negative log-likelihood of targets drawn from
-        # the model itself, -log π(â|s) + c·(v - ŷ)² (c = vf_fisher_coef). Both terms must have the same sign: one head's own
-        # factors do not see a sign, but a shared trunk sums the per-sample output gradients of both heads, and only
-        # consistent signs make that sum the score of one likelihood. (Baselines writes the log-likelihood,
-        # mean log π - mean (v - ŷ)²; the PyTorch port negates only the policy term, -mean log π - mean (v - ŷ)²,
-        # ikostrikov/pytorch-a2c-ppo-acktr-gail#279.) The overall sign is irrelevant: K-FAC uses outer products.
+        # the model itself, -log π(â|s) + c·(v - ŷ)² (c = vf_fisher_coef). K-FAC uses outer products, so the overall
+        # sign is irrelevant, and so is the value term's own sign in expectation: flipping it is the same as drawing
+        # -ε for ŷ = v + ε, which has the same law, independent of the sampled action. (Baselines writes the
+        # log-likelihood, mean log π - mean (v - ŷ)²; the PyTorch port negates only the policy term.) One negative
+        # log-likelihood is written here for clarity.
         with th.no_grad():
             sampled_actions = sample_independently(distribution)
             value_targets = values + th.randn_like(values)

@@ -44,3 +44,13 @@ def check_integer(minimum: int, **values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not value >= minimum:
             raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def check_unit_interval(**values: float) -> None:
+    """
+    :param values: named numbers that must lie in [0, 1] (discount and GAE factors)
+    :raises ValueError: naming the first that does not (NaN included)
+    """
+    for name, value in values.items():
+        if not 0 <= value <= 1:
+            raise ValueError(f"`{name}` must lie in [0, 1], got {value}")

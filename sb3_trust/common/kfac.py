@@ -10,7 +10,9 @@ vec_row(∇W) = ȳ ⊗ x and the block is G ⊗ A; in the column-major conventio
 The statistics come from the backward pass of a negative log-likelihood of targets sampled from the model (the
 *sampled* Fisher). Forward hooks record the inputs and outputs of the K-FAC layers, only inside ``capture()``, so
 the modules are not rewritten; the output gradients ȳ are asked of autograd directly. Parameters outside a
-supported layer (e.g. a Gaussian ``log_std``) get a diagonal preconditioner.
+supported layer (e.g. a Gaussian ``log_std``) get a diagonal preconditioner, and so do the weights of a layer that
+another module shares (tied weights) or that are used outside the layer's own call (e.g. the ``out_proj`` of
+``nn.MultiheadAttention``): the statistics of a layer call would not describe their gradient.
 """
 
 import math
@@ -23,6 +25,8 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
+
+from sb3_trust.common.checks import check_integer, check_non_negative, check_positive, check_positive_or_infinite
 
 
 def _supported_layer(module: nn.Module) -> bool:
@@ -69,13 +73,14 @@ class KFAC(Optimizer):
     so they are in ``state_dict()`` and come back with ``load_state_dict()``.
 
     :param model: the module whose parameters are optimised (hooks are registered on its Linear and Conv2d layers)
-    :param lr: learning rate (step length before the trust-region scale)
+    :param lr: learning rate (step length before the trust-region scale); 0 leaves the parameters where they are
     :param momentum: momentum of the scaled step (0 for none)
     :param damping: λ, the Tikhonov damping of the Fisher blocks
     :param kl_clip: the bound on the step's quadratic KL estimate (trust region radius)
     :param stat_decay: decay of the running averages of the factors (debiased: the first updates average evenly)
     :param inverse_update_freq: the factors are eigendecomposed every this many steps
-    :param cold_iters: the first ``cold_iters`` steps are plain SGD at lr/3 (as baselines) while statistics warm up
+    :param cold_iters: the first ``cold_iters`` steps skip the preconditioner and the trust region while the
+        statistics warm up: the gradient (through the same momentum) at lr/3
     :param weight_decay: L2 coefficient added to the gradient before preconditioning
     :param max_grad_norm: clip the raw gradient to this global norm (None: no clipping)
     :param eigenvalue_min: eigenvalues of the factors are clamped to at least this before damping
@@ -95,19 +100,17 @@ class KFAC(Optimizer):
         max_grad_norm: float | None = None,
         eigenvalue_min: float = 1e-6,
     ):
-        for name, value in (("lr", lr), ("damping", damping), ("kl_clip", kl_clip), ("eigenvalue_min", eigenvalue_min)):
-            if not value > 0:
-                raise ValueError(f"`{name}` must be positive, got {value}")
+        # lr = 0 is allowed: rl-zoo3's enjoy loads models with learning_rate=0
+        check_non_negative(lr=lr, weight_decay=weight_decay)
+        check_positive(damping=damping, kl_clip=kl_clip, eigenvalue_min=eigenvalue_min)
         if not 0 < stat_decay < 1:
             raise ValueError(f"`stat_decay` must lie in (0, 1), got {stat_decay}")
         if not 0 <= momentum < 1:
             raise ValueError(f"`momentum` must lie in [0, 1), got {momentum}")
-        if inverse_update_freq < 1:
-            raise ValueError(f"`inverse_update_freq` must be >= 1, got {inverse_update_freq}")
-        if cold_iters < 0 or weight_decay < 0:
-            raise ValueError("`cold_iters` and `weight_decay` must be >= 0")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"`max_grad_norm` must be positive or None, got {max_grad_norm}")
+        check_integer(1, inverse_update_freq=inverse_update_freq)
+        check_integer(0, cold_iters=cold_iters)
+        if max_grad_norm is not None:
+            check_positive_or_infinite(max_grad_norm=max_grad_norm)
         params = [param for param in model.parameters() if param.requires_grad]
         defaults: dict[str, Any] = dict(lr=lr, momentum=momentum, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -119,7 +122,10 @@ class KFAC(Optimizer):
 
         # Kronecker-factored blocks: (module, weight, bias or None); every other parameter is diagonal
         self.blocks: list[tuple[nn.Module, nn.Parameter, nn.Parameter | None]] = []
-        in_block: set[int] = set()
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                owners[id(param)] = owners.get(id(param), 0) + 1
         for module in model.modules():
             weight = getattr(module, "weight", None)
             bias = getattr(module, "bias", None)
@@ -127,9 +133,11 @@ class KFAC(Optimizer):
                 continue
             if bias is not None and not bias.requires_grad:
                 continue
+            if any(owners[id(param)] > 1 for param in (weight, bias) if param is not None):
+                continue  # tied to another module: a gradient from elsewhere that this layer's statistics do not see
             self.blocks.append((module, weight, bias))
-            in_block.update(id(param) for param in (weight, bias) if param is not None)
             module.register_forward_hook(self._forward_hook)
+        in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
         self.diagonal_params = [param for param in params if id(param) not in in_block]
         self._capturing = False
         # (input, output, their versions) of each K-FAC layer call in the captured forward pass
@@ -197,6 +205,33 @@ class KFAC(Optimizer):
             return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
         return grad.reshape(-1, grad.shape[-1])
 
+    def _demote_blocks_used_outside_their_call(self, loss: th.Tensor) -> None:
+        """
+        Make diagonal the blocks whose layer was never called in the captured pass but whose weights the loss uses:
+        they are used functionally (e.g. ``nn.MultiheadAttention`` applies its ``out_proj`` weight without calling
+        it), so only autograd gives their gradient.
+
+        :param loss: the loss of the captured forward pass
+        """
+        uncalled = [block for block in self.blocks if not self._calls.get(block[0])]
+        params = [param for _, weight, bias in uncalled for param in (weight, bias) if param is not None]
+        if not params:
+            return
+        grads = th.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        used = {id(param) for param, grad in zip(params, grads, strict=True) if grad is not None}
+        demoted = [block for block in uncalled if id(block[1]) in used or (block[2] is not None and id(block[2]) in used)]
+        if not demoted:
+            return
+        warnings.warn(
+            f"K-FAC: the weights of {[type(module).__name__ for module, _, _ in demoted]} are used outside their layer's "
+            "own call; they get a diagonal preconditioner",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.blocks = [block for block in self.blocks if all(block is not other for other in demoted)]
+        in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
+        self.diagonal_params = [param for param in self.param_groups[0]["params"] if id(param) not in in_block]
+
     def _captured_outputs(self) -> tuple[list[tuple[int, nn.Module, int]], list[th.Tensor]]:
         """
         :return: an index (block, module, call) of the captured layer calls, and their outputs in the same order
@@ -227,6 +262,7 @@ class KFAC(Optimizer):
         :param fisher_loss: the scalar Fisher loss
         :param batch_size: the number of samples (rows) of the forward pass
         """
+        self._demote_blocks_used_outside_their_call(loss)
         index, outputs = self._captured_outputs()
         captured_rows = {self._calls[module][call][0].shape[0] for _, module, call in index}
         if captured_rows != {batch_size}:
@@ -462,8 +498,10 @@ class KFAC(Optimizer):
         if group["weight_decay"]:
             grads = list(th._foreach_add(grads, params, alpha=group["weight_decay"]))
         grad_norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grads))).item()
-        if not math.isfinite(grad_norm):
-            warnings.warn("K-FAC: non-finite gradient, the step is skipped", RuntimeWarning, stacklevel=2)
+        # A skipped step has no diagnostics (rather than the previous step's)
+        self.step_scale = self.kl_estimate = float("nan")
+        if not math.isfinite(grad_norm) or not math.isfinite(lr):
+            warnings.warn("K-FAC: non-finite gradient or learning rate, the step is skipped", RuntimeWarning, stacklevel=2)
             return loss
         # Clipping multiplies the gradient, hence Δ, by a constant: it is applied to the scale, not to the tensors
         clip = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
@@ -471,9 +509,9 @@ class KFAC(Optimizer):
         step = first.get("step_count", 0) + 1
 
         if step <= self.cold_iters:
-            # Cold start: plain SGD (lr/3, as baselines) while the statistics warm up
+            # Cold start: the gradient itself at lr/3 while the statistics warm up
             directions, scale, lr = grads, clip, lr / 3.0
-            self.step_scale, self.kl_estimate = 1.0, float("nan")
+            self.step_scale = 1.0
         else:
             refresh = (step - self.cold_iters - 1) % self.inverse_update_freq == 0
             directions, quadratic_terms = self._precondition(grads, damping, refresh)

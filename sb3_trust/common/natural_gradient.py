@@ -15,7 +15,7 @@ from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, 
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from sb3_trust.common.checks import check_integer, check_non_negative, check_positive
+from sb3_trust.common.checks import check_integer, check_non_negative, check_positive, check_unit_interval
 from sb3_trust.common.conjugate_gradient import conjugate_gradient
 from sb3_trust.common.critic import MLPValueRegression, value_head_layers
 from sb3_trust.common.distributions import torch_distributions
@@ -76,7 +76,8 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize the advantages over the rollout
-    :param target_kl: The trust region δ: the bound on the mean KL(π_old ‖ π_new) of one update
+    :param target_kl: The trust region δ on the mean KL(π_old ‖ π_new) of one update: a bound that TRPO's line
+        search enforces, the KL that NPG's closed-form step reaches under the quadratic model
     :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
         (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -123,6 +124,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ):
         check_positive(target_kl=target_kl)
+        check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
         check_integer(1, cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
         check_integer(1, n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
         check_non_negative(cg_damping=cg_damping, cg_tolerance=cg_tolerance)

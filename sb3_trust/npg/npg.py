@@ -1,5 +1,6 @@
 """Natural Policy Gradient (Kakade, 2001) with a KL-sized step."""
 
+import math
 from typing import ClassVar
 
 import torch as th
@@ -38,9 +39,16 @@ class NPG(NaturalGradientAlgorithm):
         :param direction: s ≈ (F + λI)⁻¹ g
         :param max_step_size: α = sqrt(2δ / sᵀ(F + λI)s)
         :param objective_before: L(θ_old)
-        :return: the step taken, with its realised KL and surrogate gain
+        :return: the step taken, with its realised KL and surrogate gain; the zero step when the new policy's KL
+            or surrogate is not finite (e.g. a standard deviation that overflowed), which is undone
         """
-        self._set_actor_parameters(self._actor_parameters_vector() + max_step_size * direction)
+        old_parameters = self._actor_parameters_vector()
+        self._set_actor_parameters(old_parameters + max_step_size * direction)
         with th.no_grad():
             evaluation = surrogate.evaluate()
-        return PolicyStep(max_step_size, evaluation.kl.item(), evaluation.objective.item() - objective_before, 0, True)
+        kl, objective = evaluation.kl.item(), evaluation.objective.item()
+        if not (math.isfinite(kl) and math.isfinite(objective)):
+            self._set_actor_parameters(old_parameters)
+            self._skip_update("the new policy's KL or surrogate is not finite")
+            return PolicyStep(0.0, 0.0, 0.0, 0, False)
+        return PolicyStep(max_step_size, kl, objective - objective_before, 0, True)

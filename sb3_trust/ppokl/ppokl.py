@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, 
 from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
-from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite
+from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite, check_unit_interval
 from sb3_trust.common.distributions import detach_distribution, mean_kl, select_distribution
 from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import evaluate_actions_with_distribution
@@ -145,10 +145,10 @@ class PPOKL(TrustOnPolicyAlgorithm):
         check_positive(target_kl=target_kl, kl_coef=kl_coef)
         check_positive_or_infinite(max_grad_norm=max_grad_norm)
         check_integer(1, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
-        if not kl_tolerance > 1:
-            raise ValueError(f"`kl_tolerance` must be > 1, got {kl_tolerance}")
-        if not kl_coef_factor > 1:
-            raise ValueError(f"`kl_coef_factor` must be > 1, got {kl_coef_factor}")
+        check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
+        for name, factor in (("kl_tolerance", kl_tolerance), ("kl_coef_factor", kl_coef_factor)):
+            if not 1 < factor < float("inf"):
+                raise ValueError(f"`{name}` must be a finite number > 1, got {factor}")
         if not 0 < kl_coef_min <= kl_coef_max:
             raise ValueError(f"Need 0 < `kl_coef_min` <= `kl_coef_max`, got {kl_coef_min} and {kl_coef_max}")
         if not kl_coef_min <= kl_coef <= kl_coef_max:

@@ -49,7 +49,8 @@ class TRPO(NaturalGradientAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize the advantages over the rollout
-    :param target_kl: The trust region δ: the bound on the mean KL(π_old ‖ π_new) of one update
+    :param target_kl: The trust region δ: the line search keeps a step only if the mean KL(π_old ‖ π_new) on the
+        rollout is at most δ
     :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
         (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
