@@ -6,10 +6,12 @@ Usage: ``python -m sb3_trust.train --algo TRPO --env CartPole-v1`` (what ``make 
 
 import argparse
 import ast
+import importlib
 import os
 import sys
 import sysconfig
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,26 @@ ALGORITHMS: dict[str, type[TrustOnPolicyAlgorithm]] = {
     "trpo": sb3_trust.TRPO,
 }
 
-# Keys of the zoo's YAML files that describe the environment or the run rather than the algorithm
-RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "env_wrapper", "frame_stack", "callback")
-# Run keys that only rl-zoo3's own scripts implement (python -m sb3_trust.zoo)
-UNSUPPORTED_RUN_KEYS = ("env_wrapper", "frame_stack", "callback")
+# Keys of the zoo's YAML files that describe the environment or the run rather than the algorithm (those that
+# rl-zoo3's ExperimentManager removes before calling the constructor)
+RUN_KEYS = (
+    "n_envs",
+    "n_timesteps",
+    "policy",
+    "normalize",
+    "env_kwargs",
+    "monitor_kwargs",
+    "env_wrapper",
+    "vec_env_wrapper",
+    "frame_stack",
+    "callback",
+)
+# The run keys that every reader of the files applies (this script and sb3_trust.benchmark)
+BASIC_RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize")
+# The run keys that this script applies; the others only rl-zoo3's own scripts do (python -m sb3_trust.zoo)
+TRAIN_RUN_KEYS = (*BASIC_RUN_KEYS, "env_kwargs", "monitor_kwargs")
+# The entry that rl-zoo3 uses for an environment without one of its own
+DEFAULT_ENTRY = "default"
 
 
 def find_config_dir() -> Path:
@@ -61,19 +79,52 @@ def normalize_kwargs(value: Any) -> dict[str, Any] | None:
     return {} if value else None
 
 
-def split_run_keys(hyperparameters: dict[str, Any], env_id: str) -> dict[str, Any]:
+def keyword_arguments(value: Any, key: str) -> dict[str, Any]:
+    """
+    :param value: a zoo entry's ``env_kwargs`` or ``monitor_kwargs``: a mapping, or its Python expression as a string
+        (rl-zoo3 evaluates ``monitor_kwargs`` strings, e.g. ``"dict(info_keywords=('is_success',))"``)
+    :param key: the entry's key, for the error message
+    :return: the keyword arguments
+    :raises TypeError: when the value is not a mapping
+    """
+    if isinstance(value, str):
+        value = eval(value, {"dict": dict})
+    if not isinstance(value, dict):
+        raise TypeError(f"`{key}` must be a mapping of keyword arguments, got {value!r}")
+    return dict(value)
+
+
+def resolve_policy(policy: Any) -> Any:
+    """
+    :param policy: a zoo entry's ``policy``: an alias such as ``MlpPolicy``, a class, or a class's dotted path (which
+        rl-zoo3 imports)
+    :return: the alias or the class
+    """
+    if isinstance(policy, str) and "." in policy:
+        module, _, name = policy.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+    return policy
+
+
+def split_run_keys(
+    hyperparameters: dict[str, Any], env_id: str, supported: Collection[str] = BASIC_RUN_KEYS
+) -> dict[str, Any]:
     """
     Move the run keys out of a zoo entry.
 
     :param hyperparameters: the entry; the algorithm's keyword arguments are left in it
     :param env_id: its environment, for the error message
+    :param supported: the run keys that the caller applies
     :return: the run keys
-    :raises ValueError: for run keys that only rl-zoo3's scripts implement (they would be silently ignored)
+    :raises ValueError: for the other run keys: they would be silently ignored
     """
     run = {key: hyperparameters.pop(key) for key in RUN_KEYS if key in hyperparameters}
-    unsupported = sorted(set(run) & set(UNSUPPORTED_RUN_KEYS))
+    unsupported = sorted(set(run) - set(supported))
     if unsupported:
-        raise ValueError(f"{env_id}: the zoo keys {unsupported} need rl-zoo3's scripts (python -m sb3_trust.zoo train)")
+        raise ValueError(
+            f"{env_id}: the zoo keys {unsupported} are not supported here; rl-zoo3's scripts apply them "
+            "(python -m sb3_trust.zoo train)"
+        )
     return run
 
 
@@ -84,15 +135,16 @@ def load_hyperparameters(algo: str, env_id: str, config_dir: Path = CONFIG_DIR) 
     :param algo: algorithm name (lower case)
     :param env_id: Gymnasium environment id
     :param config_dir: folder of the YAML files
-    :return: the hyperparameters, with ``policy_kwargs`` strings evaluated
+    :return: the hyperparameters, with ``policy_kwargs`` strings evaluated (``env_id`` ``"default"``: the entry that
+        rl-zoo3 uses for environments without their own)
     """
     path = config_dir / f"{algo}.yml"
     if not path.exists():
         return {}
     try:
         import yaml
-    except ImportError as error:  # PyYAML comes with the `zoo` extra
-        raise ImportError(f"Reading {path} needs PyYAML: pip install pyyaml (or the package's `zoo` extra)") from error
+    except ImportError as error:  # PyYAML comes with the `tests` and `zoo` extras
+        raise ImportError(f"Reading {path} needs PyYAML: pip install pyyaml (or the `tests` or `zoo` extra)") from error
 
     with open(path) as file:
         configs = yaml.safe_load(file) or {}
@@ -120,23 +172,35 @@ def main(argv: list[str] | None = None) -> float:
     algo = args.algo.lower()
     if algo not in ALGORITHMS:
         parser.error(f"unknown --algo {args.algo!r}; choose from {sorted(ALGORITHMS)}")
-    hyperparameters = load_hyperparameters(algo, args.env)
+    if args.timesteps is not None and args.timesteps < 1:
+        parser.error(f"--timesteps must be at least 1, got {args.timesteps}")
+    if args.eval_episodes < 1:
+        parser.error(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
+    hyperparameters = load_hyperparameters(algo, args.env, CONFIG_DIR)
     if not hyperparameters:
         config = CONFIG_DIR / f"{algo}.yml"
+        # As in rl-zoo3, an environment without an entry gets the file's `default` entry when it has one
+        hyperparameters = load_hyperparameters(algo, DEFAULT_ENTRY, CONFIG_DIR)
         missing = f"No entry for {args.env} in {config}" if config.exists() else f"{config} not found"
-        warnings.warn(
-            f"{missing}: {args.algo} runs with its class defaults, one environment and no normalization",
-            UserWarning,
-            stacklevel=2,
+        used = (
+            f"its {DEFAULT_ENTRY!r} entry" if hyperparameters else "its class defaults, one environment and no normalization"
         )
-    run = split_run_keys(hyperparameters, args.env)
-    timesteps = args.timesteps or int(float(run.get("n_timesteps", 100_000)))
+        warnings.warn(f"{missing}: {args.algo} runs with {used}", UserWarning, stacklevel=2)
+    run = split_run_keys(hyperparameters, args.env, TRAIN_RUN_KEYS)
+    timesteps = args.timesteps if args.timesteps is not None else int(float(run.get("n_timesteps", 100_000)))
 
-    env = make_vec_env(args.env, n_envs=int(run.get("n_envs", 1)), seed=args.seed)
+    env = make_vec_env(
+        args.env,
+        n_envs=int(run.get("n_envs", 1)),
+        seed=args.seed,
+        env_kwargs=keyword_arguments(run.get("env_kwargs", {}), "env_kwargs"),
+        monitor_kwargs=keyword_arguments(run.get("monitor_kwargs", {}), "monitor_kwargs"),
+    )
     normalize = normalize_kwargs(run.get("normalize", False))
     if normalize is not None:
         env = VecNormalize(env, **{"gamma": float(hyperparameters.get("gamma", 0.99)), **normalize})
-    model = ALGORITHMS[algo](run.get("policy", "MlpPolicy"), env, seed=args.seed, verbose=0, **hyperparameters)
+    policy = resolve_policy(run.get("policy", "MlpPolicy"))
+    model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
     model.learn(timesteps, progress_bar=args.progress_bar)
 

@@ -148,14 +148,20 @@ def _option_value(arguments: list[str], *names: str) -> str | None:
     """
     :param arguments: command-line arguments
     :param names: spellings of one option
-    :return: its value, given as ``--name value`` or ``--name=value``, or None when absent
+    :return: its value, given as ``--name value`` or ``--name=value``, or None when absent; ``name`` may be shortened
+        as argparse allows (``--conf`` for ``--conf-file``, ``-con`` for ``-conf``): rl-zoo3's parser takes any
+        unambiguous prefix, and an ambiguous one is an error there anyway
     """
     for index, argument in enumerate(arguments):
-        for name in names:
-            if argument == name and index + 1 < len(arguments):
-                return arguments[index + 1]
-            if argument.startswith(f"{name}="):
-                return argument.split("=", 1)[1]
+        if argument == "--":
+            break
+        option, equals, value = argument.partition("=")
+        if len(option) < 2 or option == "--" or not any(name.startswith(option) for name in names):
+            continue
+        if equals:
+            return value
+        if index + 1 < len(arguments):
+            return arguments[index + 1]
     return None
 
 
@@ -190,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train" and _option_value(arguments, "--conf-file", "-conf") is None:
         config = default_config(_option_value(arguments, "--algo") or "ppo")
         if config is not None:
-            arguments += ["--conf-file", str(config)]
+            # First, so that a --conf-file the user gave in a spelling not recognised above still wins: argparse keeps
+            # the last value of an option
+            arguments = ["--conf-file", str(config), *arguments]
     sys.argv = [f"rl_zoo3.{command}", *arguments]
     if command == "train":
         from rl_zoo3.train import train

@@ -50,6 +50,21 @@ def _run(output: Path, *extra: str) -> int:
     return benchmark.main([*common, "--eval-episodes", "2", "--output", str(output), *extra])
 
 
+def _per_seed_figures(report: str) -> dict[str, list[str]]:
+    """
+    :param report: a benchmark report
+    :return: for each side, the "per seed" cells of its rows (returns table first, then the threshold table's)
+    """
+    figures: dict[str, list[str]] = {"ours": [], "peer": []}
+    for line in report.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        side = cells[0].split(":")[0]
+        if line.startswith("| ") and side in figures:
+            figures[side].append(cells[2])
+    assert all(cells and all(cells) for cells in figures.values()), report
+    return figures
+
+
 def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     assert _run(tmp_path, "--mode", "all", "--speed-updates", "1") == 0
     report = (tmp_path / "trpo_CartPole-v1_all.md").read_text()
@@ -65,7 +80,9 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     # --resume reads the finished runs instead of running them again, and reports them the same way
     assert _run(tmp_path, "--mode", "returns", "--resume") == 0
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
-    assert "seed" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()
+    resumed = _per_seed_figures((tmp_path / "trpo_CartPole-v1_returns.md").read_text())
+    assert resumed == _per_seed_figures(report)
+    assert resumed["ours"][0] == f"0: {json.loads(runs['ours'].read_text())['eval_mean']:.1f}"
     # the report can be rebuilt with another smoothing of the curves and the threshold measure
     assert _run(tmp_path, "--mode", "returns", "--resume", "--smoothing", "3") == 0
     assert "3-episode moving average" in (tmp_path / "trpo_CartPole-v1_returns.md").read_text()

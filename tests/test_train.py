@@ -1,10 +1,14 @@
 """``python -m sb3_trust.train`` (what ``make train`` runs) and its reading of the zoo entries."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy
 
-from sb3_trust.train import main, normalize_kwargs, split_run_keys
+from sb3_trust import NPG, train
+from sb3_trust.train import TRAIN_RUN_KEYS, keyword_arguments, main, normalize_kwargs, split_run_keys
 
 
 def test_train_evaluates_and_saves_with_the_normalization(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -18,8 +22,73 @@ def test_train_evaluates_and_saves_with_the_normalization(tmp_path: Path, capsys
 
 
 def test_train_says_when_the_env_has_no_entry(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="No entry for Acrobot-v1"):
+    with pytest.warns(UserWarning, match="No entry for Acrobot-v1 .*: npg runs with its 'default' entry"):
         main(["--algo", "npg", "--env", "Acrobot-v1", "--timesteps", "64", "--eval-episodes", "1", "--output", str(tmp_path)])
+
+
+def _train_with_config(config_dir: Path, monkeypatch: pytest.MonkeyPatch, env_id: str, *extra: str) -> NPG:
+    """
+    :param config_dir: folder of an ``npg.yml`` made for the test
+    :param monkeypatch: to make it the shipped folder
+    :param env_id: the environment to train on
+    :param extra: more command-line arguments
+    :return: the saved model
+    """
+    monkeypatch.setattr(train, "CONFIG_DIR", config_dir)
+    main(["--algo", "npg", "--env", env_id, "--timesteps", "32", "--eval-episodes", "1", "--output", str(config_dir), *extra])
+    return NPG.load(config_dir / f"npg_{env_id}_seed0.zip")
+
+
+def test_train_falls_back_to_the_default_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "npg.yml").write_text("default: {n_envs: 2, n_steps: 16, batch_size: 32, n_critic_updates: 1}\n")
+    with pytest.warns(UserWarning, match="'default' entry"):
+        model = _train_with_config(tmp_path, monkeypatch, "CartPole-v1")
+    assert (model.n_envs, model.n_steps) == (2, 16)
+    # Without a default entry: the class defaults
+    (tmp_path / "npg.yml").write_text("Pendulum-v1: {n_envs: 2}\n")
+    with pytest.warns(UserWarning, match="class defaults"):
+        model = _train_with_config(tmp_path, monkeypatch, "CartPole-v1", "--timesteps", "2048")
+    assert (model.n_envs, model.n_steps) == (1, 2048)
+
+
+def test_train_applies_env_and_monitor_kwargs_and_a_policy_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = (
+        "FrozenLake-v1:\n"
+        "  env_kwargs: {map_name: 8x8}\n"
+        "  monitor_kwargs: \"dict(info_keywords=('prob',))\"\n"
+        "  policy: stable_baselines3.common.policies.ActorCriticPolicy\n"
+        "  n_steps: 32\n"
+        "  batch_size: 32\n"
+        "  n_critic_updates: 1\n"
+    )
+    (tmp_path / "npg.yml").write_text(entry)
+    calls: list[dict[str, Any]] = []
+
+    def recording_make_vec_env(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return make_vec_env(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_vec_env", recording_make_vec_env)
+    model = _train_with_config(tmp_path, monkeypatch, "FrozenLake-v1")
+    assert calls[0]["env_kwargs"] == {"map_name": "8x8"} and calls[0]["monitor_kwargs"] == {"info_keywords": ("prob",)}
+    assert model.observation_space.n == 64 and model.policy_class is ActorCriticPolicy  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--timesteps", "0"], "--timesteps must be at least 1, got 0"),
+        (["--timesteps", "-5"], "--timesteps must be at least 1, got -5"),
+        (["--eval-episodes", "0"], "--eval-episodes must be at least 1, got 0"),
+    ],
+)
+def test_train_refuses_empty_runs(
+    arguments: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as error:
+        main(["--algo", "npg", "--env", "CartPole-v1", "--output", str(tmp_path), *arguments])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_run_keys_of_a_zoo_entry() -> None:
@@ -28,5 +97,16 @@ def test_run_keys_of_a_zoo_entry() -> None:
     assert entry == {"gamma": 0.9} and run["n_envs"] == 4
     assert normalize_kwargs(run["normalize"]) == {"norm_obs": True, "norm_reward": False}
     assert normalize_kwargs(True) == {} and normalize_kwargs(False) is None
-    with pytest.raises(ValueError, match="env_wrapper"):
-        split_run_keys({"env_wrapper": "x"}, "X-v0")
+    for key in ("env_wrapper", "vec_env_wrapper", "frame_stack", "callback"):
+        with pytest.raises(ValueError, match=key):
+            split_run_keys({key: "x"}, "X-v0", TRAIN_RUN_KEYS)
+    # The environment's and the monitor's keyword arguments are run keys, not the algorithm's; a reader that does not
+    # apply them (the default: sb3_trust.benchmark) refuses them rather than ignoring them
+    entry = {"env_kwargs": {"g": 9.0}, "monitor_kwargs": "dict(info_keywords=())", "gamma": 0.9}
+    run = split_run_keys(dict(entry), "X-v0", TRAIN_RUN_KEYS)
+    assert run == {"env_kwargs": {"g": 9.0}, "monitor_kwargs": "dict(info_keywords=())"}
+    assert keyword_arguments(run["monitor_kwargs"], "monitor_kwargs") == {"info_keywords": ()}
+    with pytest.raises(ValueError, match="env_kwargs"):
+        split_run_keys(dict(entry), "X-v0")
+    with pytest.raises(TypeError, match="mapping"):
+        keyword_arguments([1], "env_kwargs")

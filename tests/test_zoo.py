@@ -1,5 +1,6 @@
 """rl-zoo3 integration: train and enjoy through the wrapper, with the shipped hyperparameter files."""
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ pytest.importorskip("rl_zoo3")
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_trust import NPG, PPOKL, TRPO
-from sb3_trust.train import ALGORITHMS, CONFIG_DIR, RUN_KEYS, load_hyperparameters
+from sb3_trust.train import ALGORITHMS, CONFIG_DIR, RUN_KEYS, load_hyperparameters, split_run_keys
 from sb3_trust.zoo import main, register_algorithms
 
 
@@ -33,12 +34,29 @@ def test_shipped_configs_build_models(algo: str) -> None:
         ALGORITHMS[algo]("MlpPolicy", make_vec_env(env_id, n_envs=n_envs), **hyperparameters)
 
 
-def test_train_and_enjoy_through_rl_zoo(tmp_path: Path) -> None:
-    main(["train", "--algo", "npg", "--env", "CartPole-v1", "-n", "1024", "-f", str(tmp_path), "--seed", "1"])
-    saved = tmp_path / "npg" / "CartPole-v1_1" / "CartPole-v1.zip"
+@pytest.mark.parametrize("algo", ["acktr", "npg", "ppokl", "trpo"])
+def test_train_and_enjoy_through_rl_zoo(algo: str, tmp_path: Path) -> None:
+    # enjoy loads the model with learning_rate=0 (rl-zoo3's custom_objects): every constructor must accept it
+    main(["train", "--algo", algo, "--env", "CartPole-v1", "-n", "1024", "-f", str(tmp_path), "--seed", "1"])
+    saved = tmp_path / algo / "CartPole-v1_1" / "CartPole-v1.zip"
     assert saved.exists()
-    assert NPG.load(saved).n_steps == load_hyperparameters("npg", "CartPole-v1")["n_steps"]
-    main(["enjoy", "--algo", "npg", "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "50", "--no-render"])
+    assert ALGORITHMS[algo].load(saved).n_envs == load_hyperparameters(algo, "CartPole-v1")["n_envs"]
+    main(["enjoy", "--algo", algo, "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "20", "--no-render"])
+
+
+def test_unlisted_env_trains_with_the_default_entry(tmp_path: Path) -> None:
+    # Acrobot-v1 has no entry in zoo_configs/trpo.yml: rl-zoo3 takes the file's `default` one, or gives up
+    main(["train", "--algo", "trpo", "--env", "Acrobot-v1", "-n", "1024", "-f", str(tmp_path)])
+    assert (tmp_path / "trpo" / "Acrobot-v1_1" / "Acrobot-v1.zip").exists()
+
+
+@pytest.mark.parametrize("algo", ["acktr", "npg", "ppokl", "trpo"])
+def test_shipped_default_entries(algo: str) -> None:
+    # rl-zoo3 needs n_timesteps when -n is not given; the rest must build a model on an environment without an entry
+    hyperparameters = load_hyperparameters(algo, "default")
+    assert hyperparameters["n_timesteps"] == 1e6 and hyperparameters["policy"] == "MlpPolicy"
+    run = split_run_keys(hyperparameters, "default")
+    ALGORITHMS[algo](run["policy"], make_vec_env("Acrobot-v1", n_envs=int(run.get("n_envs", 1))), **hyperparameters)
 
 
 def test_default_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -60,6 +78,36 @@ def test_option_values_in_both_spellings() -> None:
     assert _option_value(["--algo=ppokl"], "--algo") == "ppokl"
     assert _option_value(["-conf", "a.yml"], "--conf-file", "-conf") == "a.yml"
     assert _option_value(["--env", "x"], "--algo") is None
+    # argparse's abbreviations, which rl-zoo3's parser accepts
+    for spelling in (["--conf", "a.yml"], ["--c=a.yml"], ["-con", "a.yml"]):
+        assert _option_value(spelling, "--conf-file", "-conf") == "a.yml"
+    assert _option_value(["--al", "npg"], "--algo") == "npg"
+    assert _option_value(["-", "--", "--algo", "npg"], "--algo") is None
+
+
+def test_the_users_conf_file_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rl_zoo3.train
+
+    from sb3_trust import zoo
+
+    given: list[list[str]] = []
+    monkeypatch.setattr(rl_zoo3.train, "train", lambda: given.append(sys.argv[1:]))
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    # The default comes first, so that a --conf-file in any spelling after it wins: argparse keeps the last value
+    zoo.main(["train", "--algo", "npg", "--env", "X-v0"])
+    assert given[-1] == ["--conf-file", str(CONFIG_DIR / "npg.yml"), "--algo", "npg", "--env", "X-v0"]
+    # A file of the user's needs no shipped one
+    monkeypatch.setattr(zoo, "CONFIG_DIR", tmp_path / "not-installed")
+    zoo.main(["train", "--algo", "npg", "--conf", "mine.yml"])
+    assert given[-1] == ["--algo", "npg", "--conf", "mine.yml"]
+    monkeypatch.undo()
+
+    # The end to end check: the user's file, given as argparse's abbreviation --conf, is the one that is used
+    custom = tmp_path / "mine.yml"
+    entry = "{n_timesteps: 64, policy: MlpPolicy, n_steps: 64, batch_size: 64, n_critic_updates: 1}"
+    custom.write_text(f"CartPole-v1: {entry}\n")
+    main(["train", "--algo", "npg", "--env", "CartPole-v1", "--conf", str(custom), "-f", str(tmp_path)])
+    assert NPG.load(tmp_path / "npg" / "CartPole-v1_1" / "CartPole-v1.zip").n_steps == 64
 
 
 @pytest.mark.parametrize("algo", ["acktr", "npg", "ppokl", "trpo"])
@@ -96,11 +144,12 @@ def test_hyperparameter_search_through_rl_zoo(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setitem(zoo.SAMPLERS, "npg", tiny_search)
     monkeypatch.setitem(HYPERPARAMS_SAMPLER, "npg", tiny_search)  # so that rl-zoo3's table is restored afterwards too
-    arguments = ["--algo", "npg", "--env", "CartPole-v1", "-optimize", "--n-trials", "2", "-n", "256", "--seed", "0"]
+    # Acrobot-v1 has no entry in zoo_configs/npg.yml: the search starts from the file's `default` one
+    arguments = ["--algo", "npg", "--env", "Acrobot-v1", "-optimize", "--n-trials", "2", "-n", "256", "--seed", "0"]
     search = ["--n-evaluations", "1", "--eval-episodes", "1", "--sampler", "random", "--pruner", "none", "-f", str(tmp_path)]
     main(["train", *arguments, *search, "--optimization-log-path", str(tmp_path / "trials")])
     assert len(sampled) == 2
     # rl-zoo3 writes the study's report, and each trial's evaluations where --optimization-log-path says
-    report = next(tmp_path.rglob("report_CartPole-v1_2-trials-256-random-none*.csv"))
+    report = next(tmp_path.rglob("report_Acrobot-v1_2-trials-256-random-none*.csv"))
     assert len(report.read_text().splitlines()) == 3  # header and two trials
     assert sorted(path.name for path in (tmp_path / "trials").iterdir()) == ["trial_0", "trial_1"]
