@@ -82,7 +82,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
-from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters, normalize_kwargs, split_run_keys
+from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters, normalize_kwargs, resolve_policy, split_run_keys
 
 _KL_NOTE = (
     "sb3_trust bounds the mean KL of the joint action distribution, while sb3-contrib's TRPO averages its KL (and so "
@@ -175,7 +175,7 @@ class Setting:
 
     :param env_id: Gymnasium environment id
     :param n_envs: number of parallel environments
-    :param policy: policy name (e.g. ``MlpPolicy``)
+    :param policy: policy name (e.g. ``MlpPolicy``) or a policy class's dotted path
     :param normalize: ``VecNormalize`` keyword arguments, or None without normalization
     :param timesteps: training steps of a learning run
     :param kwargs: algorithm keyword arguments of our side
@@ -462,7 +462,8 @@ def build_model(class_path: str, setting: Setting, kwargs: dict[str, Any], seed:
     :return: the model, on a fresh environment
     """
     env = make_env(setting, seed, float(kwargs.get("gamma", 0.99)))
-    return resolve_class(class_path)(setting.policy, env, seed=seed, device=device, verbose=0, **kwargs)
+    policy = resolve_policy(setting.policy)
+    return resolve_class(class_path)(policy, env, seed=seed, device=device, verbose=0, **kwargs)
 
 
 def _rollout_size(model: BaseAlgorithm) -> int:

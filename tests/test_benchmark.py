@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_trust import benchmark
 
@@ -26,6 +27,13 @@ def test_class_defaults_come_from_the_nearest_constructor() -> None:
     defaults = benchmark.class_defaults("sb3_trust.NPG")
     assert defaults["n_steps"] == 2048 and defaults["target_kl"] == 0.01
     assert benchmark.class_defaults("sb3_trust.TRPO")["line_search_shrinking_factor"] == 0.8
+
+
+def test_a_dotted_policy_path_builds_that_policy() -> None:
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", {"n_steps": 64, "batch_size": 64}, {}, None)
+    setting.policy = "stable_baselines3.common.policies.ActorCriticPolicy"
+    model = benchmark.build_model("sb3_trust.TRPO", setting, setting.kwargs, seed=0, device="cpu")
+    assert type(model.policy) is ActorCriticPolicy
 
 
 def test_peer_gets_the_trust_region_in_its_per_dimension_convention() -> None:
