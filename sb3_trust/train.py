@@ -5,7 +5,6 @@ Usage: ``python -m sb3_trust.train --algo TRPO --env CartPole-v1`` (what ``make 
 """
 
 import argparse
-import ast
 import importlib
 import os
 import sys
@@ -67,31 +66,35 @@ def find_config_dir() -> Path:
 CONFIG_DIR = find_config_dir()
 
 
-def normalize_kwargs(value: Any) -> dict[str, Any] | None:
-    """
-    :param value: the zoo's ``normalize`` entry: a bool, a dict, or a dict's string (rl-zoo3 accepts all three)
-    :return: ``VecNormalize`` keyword arguments, or None without normalization
-    """
-    if isinstance(value, str):
-        value = ast.literal_eval(value)
-    if isinstance(value, dict):
-        return dict(value)
-    return {} if value else None
-
-
 def keyword_arguments(value: Any, key: str) -> dict[str, Any]:
     """
-    :param value: a zoo entry's ``env_kwargs`` or ``monitor_kwargs``: a mapping, or its Python expression as a string
-        (rl-zoo3 evaluates ``monitor_kwargs`` strings, e.g. ``"dict(info_keywords=('is_success',))"``)
+    :param value: a zoo entry's ``env_kwargs``, ``monitor_kwargs`` or ``normalize`` arguments: a mapping, its Python
+        expression as a string (rl-zoo3 evaluates these strings, e.g. ``"dict(info_keywords=('is_success',))"``), or
+        None (an empty entry)
     :param key: the entry's key, for the error message
     :return: the keyword arguments
     :raises TypeError: when the value is not a mapping
     """
+    if value is None:
+        return {}
     if isinstance(value, str):
         value = eval(value, {"dict": dict})
     if not isinstance(value, dict):
         raise TypeError(f"`{key}` must be a mapping of keyword arguments, got {value!r}")
     return dict(value)
+
+
+def normalize_kwargs(value: Any) -> dict[str, Any] | None:
+    """
+    :param value: the zoo's ``normalize`` entry: a bool, a dict, or a dict's Python expression (rl-zoo3 accepts all
+        three, e.g. ``"dict(norm_obs=True, norm_reward=False)"``)
+    :return: ``VecNormalize`` keyword arguments, or None without normalization
+    """
+    if isinstance(value, str):
+        return keyword_arguments(value, "normalize")
+    if isinstance(value, dict):
+        return dict(value)
+    return {} if value else None
 
 
 def resolve_policy(policy: Any) -> Any:

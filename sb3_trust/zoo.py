@@ -148,10 +148,12 @@ def _option_value(arguments: list[str], *names: str) -> str | None:
     """
     :param arguments: command-line arguments
     :param names: spellings of one option
-    :return: its value, given as ``--name value`` or ``--name=value``, or None when absent; ``name`` may be shortened
+    :return: its value, given as ``--name value`` or ``--name=value`` (the last one, as argparse keeps), or None when
+        absent; ``name`` may be shortened
         as argparse allows (``--conf`` for ``--conf-file``, ``-con`` for ``-conf``): rl-zoo3's parser takes any
         unambiguous prefix, and an ambiguous one is an error there anyway
     """
+    found = None
     for index, argument in enumerate(arguments):
         if argument == "--":
             break
@@ -159,10 +161,10 @@ def _option_value(arguments: list[str], *names: str) -> str | None:
         if len(option) < 2 or option == "--" or not any(name.startswith(option) for name in names):
             continue
         if equals:
-            return value
-        if index + 1 < len(arguments):
-            return arguments[index + 1]
-    return None
+            found = value
+        elif index + 1 < len(arguments):
+            found = arguments[index + 1]
+    return found
 
 
 def default_config(algo: str) -> Path | None:

@@ -225,7 +225,7 @@ def test_gsde_fisher_actions_are_drawn_independently_per_row(squash_output: bool
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(learning_rate=0.0),
+        dict(learning_rate=-0.1),
         dict(kfac_kl_clip=-1e-3),
         dict(kfac_damping=0.0),
         dict(kfac_stat_decay=1.0),

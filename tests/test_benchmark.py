@@ -29,11 +29,15 @@ def test_class_defaults_come_from_the_nearest_constructor() -> None:
     assert benchmark.class_defaults("sb3_trust.TRPO")["line_search_shrinking_factor"] == 0.8
 
 
+class MarkerPolicy(ActorCriticPolicy):
+    """A policy class that only a dotted path names (not the default MlpPolicy's)."""
+
+
 def test_a_dotted_policy_path_builds_that_policy() -> None:
     setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", {"n_steps": 64, "batch_size": 64}, {}, None)
-    setting.policy = "stable_baselines3.common.policies.ActorCriticPolicy"
+    setting.policy = "tests.test_benchmark.MarkerPolicy"
     model = benchmark.build_model("sb3_trust.TRPO", setting, setting.kwargs, seed=0, device="cpu")
-    assert type(model.policy) is ActorCriticPolicy
+    assert type(model.policy) is MarkerPolicy
 
 
 def test_peer_gets_the_trust_region_in_its_per_dimension_convention() -> None:

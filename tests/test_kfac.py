@@ -398,6 +398,40 @@ def test_weights_used_outside_their_layer_call_still_train() -> None:
     assert not th.equal(before, attention.out_proj.weight)
 
 
+def test_a_layer_called_and_also_used_functionally_gets_its_whole_gradient() -> None:
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, inputs: th.Tensor) -> th.Tensor:
+            hidden = th.tanh(self.layer(inputs))
+            return self.head(nn.functional.linear(hidden, self.layer.weight))  # a second use, without the layer's call
+
+    th.manual_seed(0)
+    model = Reused()
+    optimizer = KFAC(model)
+    inputs = th.randn(8, 3)
+    with optimizer.capture():
+        logits = model(inputs)
+    reference = th.autograd.grad((logits**2).mean(), model.layer.weight, retain_graph=True)[0]
+    with pytest.warns(RuntimeWarning, match="used outside their layer"):
+        optimizer.backward((logits**2).mean(), -th.log_softmax(logits, dim=-1)[:, 0].mean(), batch_size=8)
+    assert th.allclose(model.layer.weight.grad, reference, atol=1e-6)  # type: ignore[arg-type]
+    assert [module for module, _, _ in optimizer.blocks] == [model.head]
+
+
+def test_a_parametrized_bias_is_not_a_block() -> None:
+    class Doubled(nn.Module):
+        def forward(self, bias: th.Tensor) -> th.Tensor:
+            return 2.0 * bias
+
+    layer = nn.Linear(3, 2)
+    nn.utils.parametrize.register_parametrization(layer, "bias", Doubled())
+    optimizer = KFAC(layer)
+    assert optimizer.blocks == [] and len(optimizer.diagonal_params) == 2
+
+
 def test_in_place_change_of_a_captured_output_is_refused() -> None:
     # backward() reads each layer's output; an in-place activation would overwrite it with the activation's
     network = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))

@@ -51,12 +51,16 @@ def test_train_falls_back_to_the_default_entry(tmp_path: Path, monkeypatch: pyte
     assert (model.n_envs, model.n_steps) == (1, 2048)
 
 
+class MarkerPolicy(ActorCriticPolicy):
+    """A policy class that only a dotted path names (not the default MlpPolicy's)."""
+
+
 def test_train_applies_env_and_monitor_kwargs_and_a_policy_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     entry = (
         "FrozenLake-v1:\n"
         "  env_kwargs: {map_name: 8x8}\n"
         "  monitor_kwargs: \"dict(info_keywords=('prob',))\"\n"
-        "  policy: stable_baselines3.common.policies.ActorCriticPolicy\n"
+        "  policy: tests.test_train.MarkerPolicy\n"
         "  n_steps: 32\n"
         "  batch_size: 32\n"
         "  n_critic_updates: 1\n"
@@ -71,7 +75,7 @@ def test_train_applies_env_and_monitor_kwargs_and_a_policy_path(tmp_path: Path, 
     monkeypatch.setattr(train, "make_vec_env", recording_make_vec_env)
     model = _train_with_config(tmp_path, monkeypatch, "FrozenLake-v1")
     assert calls[0]["env_kwargs"] == {"map_name": "8x8"} and calls[0]["monitor_kwargs"] == {"info_keywords": ("prob",)}
-    assert model.observation_space.n == 64 and model.policy_class is ActorCriticPolicy  # type: ignore[attr-defined]
+    assert model.observation_space.n == 64 and model.policy_class is MarkerPolicy  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -97,6 +101,9 @@ def test_run_keys_of_a_zoo_entry() -> None:
     assert entry == {"gamma": 0.9} and run["n_envs"] == 4
     assert normalize_kwargs(run["normalize"]) == {"norm_obs": True, "norm_reward": False}
     assert normalize_kwargs(True) == {} and normalize_kwargs(False) is None
+    # rl-zoo3's own files write the arguments as a dict(...) expression
+    assert normalize_kwargs("dict(norm_obs=True, norm_reward=False)") == {"norm_obs": True, "norm_reward": False}
+    assert keyword_arguments(None, "env_kwargs") == {}  # an empty `env_kwargs:` entry
     for key in ("env_wrapper", "vec_env_wrapper", "frame_stack", "callback"):
         with pytest.raises(ValueError, match=key):
             split_run_keys({key: "x"}, "X-v0", TRAIN_RUN_KEYS)

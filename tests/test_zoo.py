@@ -83,6 +83,8 @@ def test_option_values_in_both_spellings() -> None:
         assert _option_value(spelling, "--conf-file", "-conf") == "a.yml"
     assert _option_value(["--al", "npg"], "--algo") == "npg"
     assert _option_value(["-", "--", "--algo", "npg"], "--algo") is None
+    # argparse keeps the last of repeated options
+    assert _option_value(["--algo", "ppo", "--env", "x", "--algo", "npg"], "--algo") == "npg"
 
 
 def test_the_users_conf_file_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

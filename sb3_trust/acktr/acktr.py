@@ -125,7 +125,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
         check_positive(kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping)
         check_positive_or_infinite(max_grad_norm=max_grad_norm)
         if not callable(learning_rate):
-            check_positive(learning_rate=learning_rate)
+            # 0 is allowed, as in SB3 (rl-zoo3's enjoy loads every model with it)
+            check_non_negative(learning_rate=learning_rate)
         if not 0 < kfac_stat_decay < 1:
             raise ValueError(f"`kfac_stat_decay` must lie in (0, 1), got {kfac_stat_decay}")
         check_integer(1, kfac_inverse_update_freq=kfac_inverse_update_freq)

@@ -11,13 +11,14 @@ The statistics come from the backward pass of a negative log-likelihood of targe
 *sampled* Fisher). Forward hooks record the inputs and outputs of the K-FAC layers, only inside ``capture()``, so
 the modules are not rewritten; the output gradients ȳ are asked of autograd directly. Parameters outside a
 supported layer (e.g. a Gaussian ``log_std``) get a diagonal preconditioner, and so do the weights of a layer that
-another module shares (tied weights) or that are used outside the layer's own call (e.g. the ``out_proj`` of
-``nn.MultiheadAttention``): the statistics of a layer call would not describe their gradient.
+another module shares (tied weights) or that the loss also uses outside the layer's own calls (e.g. the ``out_proj``
+of ``nn.MultiheadAttention``, found at the first ``backward()``): the statistics of a layer's calls would not
+describe their gradient.
 """
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -131,7 +132,7 @@ class KFAC(Optimizer):
             bias = getattr(module, "bias", None)
             if not _supported_layer(module) or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
                 continue
-            if bias is not None and not bias.requires_grad:
+            if bias is not None and not (isinstance(bias, nn.Parameter) and bias.requires_grad):
                 continue
             if any(owners[id(param)] > 1 for param in (weight, bias) if param is not None):
                 continue  # tied to another module: a gradient from elsewhere that this layer's statistics do not see
@@ -140,6 +141,7 @@ class KFAC(Optimizer):
         in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
         self.diagonal_params = [param for param in params if id(param) not in in_block]
         self._capturing = False
+        self._blocks_checked = False
         # (input, output, their versions) of each K-FAC layer call in the captured forward pass
         self._calls: dict[nn.Module, list[tuple[th.Tensor, th.Tensor, tuple[int, int]]]] = {}
         # Diagnostics of the last step, for logging
@@ -205,30 +207,57 @@ class KFAC(Optimizer):
             return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
         return grad.reshape(-1, grad.shape[-1])
 
-    def _demote_blocks_used_outside_their_call(self, loss: th.Tensor) -> None:
+    def _block_gradients(
+        self, index: list[tuple[int, nn.Module, int]], output_grads: Sequence[th.Tensor | None]
+    ) -> dict[int, th.Tensor]:
         """
-        Make diagonal the blocks whose layer was never called in the captured pass but whose weights the loss uses:
-        they are used functionally (e.g. ``nn.MultiheadAttention`` applies its ``out_proj`` weight without calling
-        it), so only autograd gives their gradient.
+        :param index: the captured layer calls (``_captured_outputs``)
+        :param output_grads: a loss's gradients with respect to their outputs ȳ, in the same order
+        :return: for each block reached, its gradient ȳᵀx summed over its calls, as one (out, in [+ 1]) matrix
+        """
+        block_grads: dict[int, th.Tensor] = {}
+        for (block, module, call), output_grad in zip(index, output_grads, strict=True):
+            if output_grad is not None:
+                inputs = self._layer_rows(module, self._calls[module][call][0], self.blocks[block][2] is not None)
+                weight_grad = self._grad_rows(module, output_grad).T @ inputs
+                block_grads[block] = block_grads[block] + weight_grad if block in block_grads else weight_grad
+        return block_grads
+
+    def _demote_blocks_with_other_uses(self, loss: th.Tensor) -> None:
+        """
+        Once, at the first ``backward()``: compare each block's gradient from its captured calls with autograd's,
+        and make diagonal (with a warning) the blocks whose weights the loss also reaches another way, used without
+        calling their layer (``nn.MultiheadAttention`` applies its ``out_proj`` weight functionally) or besides it.
+        The statistics of the layer's calls would not describe their gradient.
 
         :param loss: the loss of the captured forward pass
         """
-        uncalled = [block for block in self.blocks if not self._calls.get(block[0])]
-        params = [param for _, weight, bias in uncalled for param in (weight, bias) if param is not None]
+        self._blocks_checked = True
+        params = [param for _, weight, bias in self.blocks for param in (weight, bias) if param is not None]
         if not params:
             return
-        grads = th.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        used = {id(param) for param, grad in zip(params, grads, strict=True) if grad is not None}
-        demoted = [block for block in uncalled if id(block[1]) in used or (block[2] is not None and id(block[2]) in used)]
+        reference = iter(th.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True))
+        index, outputs = self._captured_outputs()
+        output_grads = th.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
+        with th.no_grad():
+            reconstructed = self._block_gradients(index, output_grads)
+            demoted = []
+            for block, (module, weight, bias) in enumerate(self.blocks):
+                expected = next(reference).reshape(weight.shape[0], -1)
+                if bias is not None:
+                    expected = th.cat([expected, next(reference).unsqueeze(1)], dim=1)
+                found = reconstructed.get(block, th.zeros_like(expected))
+                if (found - expected).norm() > 1e-3 * expected.norm() + 1e-12:
+                    demoted.append(module)
         if not demoted:
             return
         warnings.warn(
-            f"K-FAC: the weights of {[type(module).__name__ for module, _, _ in demoted]} are used outside their layer's "
-            "own call; they get a diagonal preconditioner",
+            f"K-FAC: the weights of {[type(module).__name__ for module in demoted]} are also used outside their layer's "
+            "call; they get a diagonal preconditioner",
             RuntimeWarning,
             stacklevel=3,
         )
-        self.blocks = [block for block in self.blocks if all(block is not other for other in demoted)]
+        self.blocks = [block for block in self.blocks if all(block[0] is not module for module in demoted)]
         in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
         self.diagonal_params = [param for param in self.param_groups[0]["params"] if id(param) not in in_block]
 
@@ -262,7 +291,8 @@ class KFAC(Optimizer):
         :param fisher_loss: the scalar Fisher loss
         :param batch_size: the number of samples (rows) of the forward pass
         """
-        self._demote_blocks_used_outside_their_call(loss)
+        if not self._blocks_checked:
+            self._demote_blocks_with_other_uses(loss)
         index, outputs = self._captured_outputs()
         captured_rows = {self._calls[module][call][0].shape[0] for _, module, call in index}
         if captured_rows != {batch_size}:
@@ -271,14 +301,11 @@ class KFAC(Optimizer):
         loss_grads = th.autograd.grad(loss, [*outputs, *free], retain_graph=True, allow_unused=True)
         fisher_grads = th.autograd.grad(fisher_loss, [*outputs, *free], allow_unused=True)
         rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]] = {}
-        block_grads: dict[int, th.Tensor] = {}
         with th.no_grad():
-            for (block, module, call), loss_grad, fisher_grad in zip(index, loss_grads, fisher_grads, strict=False):
-                inputs = self._layer_rows(module, self._calls[module][call][0], self.blocks[block][2] is not None)
-                if loss_grad is not None:
-                    weight_grad = self._grad_rows(module, loss_grad).T @ inputs
-                    block_grads[block] = block_grads[block] + weight_grad if block in block_grads else weight_grad
+            block_grads = self._block_gradients(index, loss_grads[: len(outputs)])
+            for (block, module, call), fisher_grad in zip(index, fisher_grads, strict=False):
                 if fisher_grad is not None:
+                    inputs = self._layer_rows(module, self._calls[module][call][0], self.blocks[block][2] is not None)
                     block_inputs, block_output_grads = rows.setdefault(block, ([], []))
                     block_inputs.append(inputs)
                     block_output_grads.append(self._grad_rows(module, fisher_grad))
