@@ -54,6 +54,7 @@ command line, the date and the machine. A new pair is one more ``PAIRS`` entry (
 
 import argparse
 import ast
+import copy
 import gc
 import importlib
 import inspect
@@ -82,6 +83,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
+import sb3_trust
 from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters, normalize_kwargs, resolve_policy, split_run_keys
 
 _KL_NOTE = (
@@ -463,7 +465,8 @@ def build_model(class_path: str, setting: Setting, kwargs: dict[str, Any], seed:
     """
     env = make_env(setting, seed, float(kwargs.get("gamma", 0.99)))
     policy = resolve_policy(setting.policy)
-    return resolve_class(class_path)(policy, env, seed=seed, device=device, verbose=0, **kwargs)
+    # A copy: SB3's classes may change nested arguments in place (A2C adds its optimizer to policy_kwargs)
+    return resolve_class(class_path)(policy, env, seed=seed, device=device, verbose=0, **copy.deepcopy(kwargs))
 
 
 def _rollout_size(model: BaseAlgorithm) -> int:
@@ -585,6 +588,8 @@ def learning_run(task: RunTask) -> dict[str, Any]:
         "hyperparameters": kwargs,
         "threads": task.threads,
         "device": task.device,
+        # What made the run: --resume may report it together with runs made by other code
+        "code": f"sb3_trust {sb3_trust.__version__} (git {_git_revision()})",
         "wall_time_s": wall_time,
         "episodes": recorder.episodes,
         "eval_returns": [float(value) for value in returns],  # type: ignore[union-attr]
@@ -612,6 +617,9 @@ def _run_identity(task: RunTask) -> dict[str, Any]:
         "normalize": setting.normalize,
         "hyperparameters": setting.side_kwargs(task.side),
         "eval_episodes": task.eval_episodes,
+        # The thread count changes the order of float reductions, hence the run
+        "threads": task.threads,
+        "device": task.device,
     }
     return json.loads(json.dumps(identity, default=repr))
 
@@ -707,13 +715,14 @@ def steps_to_threshold(episodes: Sequence[Sequence[float]], threshold: float, wi
     :param episodes: (timestep, return, ...) of the finished training episodes, in order
     :param threshold: the return to reach
     :param window: number of episodes of the moving average
-    :return: the first timestep at which the moving average of the training episode returns (the smoothing of the
-        learning curves) is at least ``threshold``, or None when it never is
+    :return: the first timestep at which the moving average of the last ``window`` training episode returns (the
+        smoothing of the learning curves) is at least ``threshold``, or None when it never is
     """
     if not episodes:
         return None
     timesteps, smoothed = _moving_average(episodes, window)
-    reached = np.flatnonzero(smoothed >= threshold)
+    # Only once a whole window of episodes is averaged: one lucky first episode does not reach a threshold
+    reached = np.flatnonzero(smoothed[window - 1 :] >= threshold) + window - 1
     return int(timesteps[reached[0]]) if len(reached) else None
 
 
@@ -930,7 +939,9 @@ def returns_report(
             ],
             rows,
         ),
-        f"Ratio of the mean final eval returns, ours / peer: **{ratio}**",
+        f"Ratio of the mean final eval returns, ours / peer: **{ratio}** (± is the population standard deviation "
+        "over seeds)",
+        "Runs made by: " + _code_counts(results),
     ]
     if setting.threshold is not None:
         sections.append(threshold_report(pair, setting, results, smoothing))
@@ -941,6 +952,19 @@ def returns_report(
     return "\n\n".join(sections)
 
 
+def _code_counts(results: list[dict[str, Any]]) -> str:
+    """
+    :param results: saved runs
+    :return: the code versions that made them, with their number of runs (runs saved before the version was
+        recorded count as "not recorded")
+    """
+    counts: dict[str, int] = {}
+    for result in results:
+        code = str(result.get("code", "not recorded"))
+        counts[code] = counts.get(code, 0) + 1
+    return ", ".join(f"{code}: {count} run(s)" for code, count in counts.items())
+
+
 def machine_info(threads: int) -> str:
     """
     :param threads: torch threads of the measurements
@@ -948,8 +972,6 @@ def machine_info(threads: int) -> str:
     """
     import gymnasium
     import stable_baselines3
-
-    import sb3_trust
 
     def version(module: str) -> str:
         try:
@@ -1088,6 +1110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + " (gymnasium's reward_threshold)",
     )
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
     for name in ("speed_updates", "jobs", "threads", "eval_episodes", "timesteps", "smoothing"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -20,6 +20,21 @@ def test_steps_to_threshold_uses_the_moving_average() -> None:
     # A 5-episode window holds only 100s from the fifth 100 on (t = 140); 2 episodes reach 50 at the first 100
     assert benchmark.steps_to_threshold(episodes, 100.0, window=5) == 140
     assert benchmark.steps_to_threshold(episodes, 50.0, window=2) == 100
+    # One lucky first episode is not a whole window
+    assert benchmark.steps_to_threshold([(100, 480.0)] + [(200 + i, 20.0) for i in range(20)], 475.0) is None
+
+
+def test_repeated_seeds_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--seeds", "2", "2"])
+
+
+def test_the_two_sides_do_not_share_nested_arguments() -> None:
+    # SB3's A2C adds its RMSprop settings to the policy_kwargs it is given
+    setting = benchmark.make_setting(benchmark.PAIRS["acktr"], "CartPole-v1", {"n_steps": 8}, {}, None)
+    kwargs = {**setting.peer_kwargs, "policy_kwargs": {"net_arch": [8]}}
+    benchmark.build_model("stable_baselines3.A2C", setting, kwargs, seed=0, device="cpu")
+    assert kwargs["policy_kwargs"] == {"net_arch": [8]}
 
 
 def test_class_defaults_come_from_the_nearest_constructor() -> None:
@@ -87,6 +102,8 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     for side, path in runs.items():
         result = json.loads(path.read_text())
         assert result["side"] == side and result["timesteps"] == 1024 and len(result["eval_returns"]) == 2
+        assert result["code"].startswith("sb3_trust ")
+    assert f"Runs made by: {result['code']}: 2 run(s)" in report
     written = {side: path.stat().st_mtime_ns for side, path in runs.items()}
 
     # --resume reads the finished runs instead of running them again, and reports them the same way
@@ -113,3 +130,5 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
         _run(tmp_path, "--mode", "returns", "--resume", "--hyperparams", "n_critic_updates=3")
     with pytest.raises(ValueError, match="other settings"):
         _run(tmp_path, "--mode", "returns", "--resume", "--eval-episodes", "3")
+    with pytest.raises(ValueError, match="threads differ"):
+        _run(tmp_path, "--mode", "returns", "--resume", "--threads", "2")
