@@ -17,6 +17,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecNormalize
 
 import sb3_trust
@@ -95,6 +96,26 @@ def normalize_kwargs(value: Any) -> dict[str, Any] | None:
     if isinstance(value, dict):
         return dict(value)
     return {} if value else None
+
+
+def linear_schedules(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """
+    rl-zoo3's schedule strings: ``lin_<value>`` for ``learning_rate``, ``clip_range`` or ``clip_range_vf`` is a value
+    that decreases linearly from ``<value>`` to 0 over the run.
+
+    :param hyperparameters: the algorithm's keyword arguments
+    :return: them, with those strings replaced by schedules
+    :raises ValueError: for another string in those keys
+    """
+    converted = dict(hyperparameters)
+    for key in ("learning_rate", "clip_range", "clip_range_vf"):
+        value = converted.get(key)
+        if isinstance(value, str):
+            kind, _, initial = value.partition("_")
+            if kind != "lin":
+                raise ValueError(f"`{key}`: only rl-zoo3's linear schedules (lin_<value>) are understood, got {value!r}")
+            converted[key] = LinearSchedule(float(initial), 0.0, 1.0)
+    return converted
 
 
 def resolve_policy(policy: Any) -> Any:
@@ -190,6 +211,7 @@ def main(argv: list[str] | None = None) -> float:
         )
         warnings.warn(f"{missing}: {args.algo} runs with {used}", UserWarning, stacklevel=2)
     run = split_run_keys(hyperparameters, args.env, TRAIN_RUN_KEYS)
+    hyperparameters = linear_schedules(hyperparameters)
     timesteps = args.timesteps if args.timesteps is not None else int(float(run.get("n_timesteps", 100_000)))
 
     env = make_vec_env(

@@ -39,6 +39,14 @@ def _train_with_config(config_dir: Path, monkeypatch: pytest.MonkeyPatch, env_id
     return NPG.load(config_dir / f"npg_{env_id}_seed0.zip")
 
 
+def test_train_reads_rl_zoo_linear_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "npg.yml").write_text("CartPole-v1: {n_steps: 32, batch_size: 32, learning_rate: lin_1e-3}\n")
+    model = _train_with_config(tmp_path, monkeypatch, "CartPole-v1")
+    assert model.lr_schedule(1.0) == pytest.approx(1e-3) and model.lr_schedule(0.25) == pytest.approx(2.5e-4)
+    with pytest.raises(ValueError, match="lin_<value>"):
+        train.linear_schedules({"learning_rate": "exp_1e-3"})
+
+
 def test_train_falls_back_to_the_default_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "npg.yml").write_text("default: {n_envs: 2, n_steps: 16, batch_size: 32, n_critic_updates: 1}\n")
     with pytest.warns(UserWarning, match="'default' entry"):
