@@ -84,7 +84,15 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import sb3_trust
-from sb3_trust.train import CONFIG_DIR, RUN_KEYS, load_hyperparameters, normalize_kwargs, resolve_policy, split_run_keys
+from sb3_trust.train import (
+    CONFIG_DIR,
+    RUN_KEYS,
+    import_object,
+    load_hyperparameters,
+    normalize_kwargs,
+    resolve_policy,
+    split_run_keys,
+)
 
 _KL_NOTE = (
     "sb3_trust bounds the mean KL of the joint action distribution, while sb3-contrib's TRPO averages its KL (and so "
@@ -310,8 +318,7 @@ def resolve_class(path: str) -> type[BaseAlgorithm]:
     :param path: e.g. ``"sb3_contrib.TRPO"``
     :return: the class
     """
-    module_name, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
+    cls = import_object(path)
     if not (isinstance(cls, type) and issubclass(cls, BaseAlgorithm)):
         raise TypeError(f"{path} is not a Stable-Baselines3 algorithm")
     return cls

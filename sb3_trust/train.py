@@ -118,16 +118,22 @@ def linear_schedules(hyperparameters: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
+def import_object(path: str) -> Any:
+    """
+    :param path: an object's dotted path, e.g. ``"sb3_contrib.TRPO"``
+    :return: the object
+    """
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def resolve_policy(policy: Any) -> Any:
     """
     :param policy: a zoo entry's ``policy``: an alias such as ``MlpPolicy``, a class, or a class's dotted path (which
         rl-zoo3 imports)
     :return: the alias or the class
     """
-    if isinstance(policy, str) and "." in policy:
-        module, _, name = policy.rpartition(".")
-        return getattr(importlib.import_module(module), name)
-    return policy
+    return import_object(policy) if isinstance(policy, str) and "." in policy else policy
 
 
 def split_run_keys(

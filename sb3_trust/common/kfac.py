@@ -138,8 +138,7 @@ class KFAC(Optimizer):
                 continue  # tied to another module: a gradient from elsewhere that this layer's statistics do not see
             self.blocks.append((module, weight, bias))
             module.register_forward_hook(self._forward_hook)
-        in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
-        self.diagonal_params = [param for param in params if id(param) not in in_block]
+        self.diagonal_params = self._parameters_outside_blocks()
         self._capturing = False
         self._blocks_checked = False
         # (input, output, their versions) of each K-FAC layer call in the captured forward pass
@@ -258,8 +257,15 @@ class KFAC(Optimizer):
             stacklevel=3,
         )
         self.blocks = [block for block in self.blocks if all(block[0] is not module for module in demoted)]
+        self.diagonal_params = self._parameters_outside_blocks()
+
+    def _parameters_outside_blocks(self) -> list[nn.Parameter]:
+        """
+        :return: the optimised parameters that no Kronecker-factored block holds (they get a diagonal preconditioner),
+            in the parameter group's order
+        """
         in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
-        self.diagonal_params = [param for param in self.param_groups[0]["params"] if id(param) not in in_block]
+        return [param for param in self.param_groups[0]["params"] if id(param) not in in_block]
 
     def _captured_outputs(self) -> tuple[list[tuple[int, nn.Module, int]], list[th.Tensor]]:
         """
