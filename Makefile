@@ -4,6 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ALGO ?= TRPO
+# A POSIX shell's start-up file is named by an exported ENV on some systems: that path is no Gymnasium id
+ifeq ($(origin ENV),environment)
+ifneq ($(wildcard $(ENV)),)
+ENV := CartPole-v1
+endif
+endif
 ENV ?= CartPole-v1
 TIMESTEPS ?=
 N_JOBS ?= auto
