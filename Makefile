@@ -50,4 +50,4 @@ benchmark: $(STAMP)
 	$(PY) -m sb3_trust.benchmark
 
 clean:
-	rm -rf $(VENV) docs/_build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) docs/_build .pytest_cache .mypy_cache .ruff_cache .hypothesis

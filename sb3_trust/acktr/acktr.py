@@ -53,7 +53,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
     :param vf_fisher_coef: Weight of the value head's term in the Fisher loss
     :param max_grad_norm: The maximum value for the gradient clipping (applied by K-FAC before preconditioning)
     :param normalize_advantage: Whether to normalize or not the advantage (off by default, as A2C)
-    :param kfac_kl_clip: Trust region radius: bound on the quadratic KL ½·lr²·η²·ΔᵀF̂Δ of each step
+    :param kfac_kl_clip: Trust region radius: bound on the quadratic KL ½·lr²·ν²·ΔᵀF̂Δ of each step (ν ≤ 1: the
+        trust-region scale)
     :param kfac_damping: λ, Tikhonov damping of the Fisher blocks (split between the two factors by π)
     :param kfac_stat_decay: Decay of the running averages of the Kronecker factors, in (0, 1)
     :param kfac_inverse_update_freq: The factors are eigendecomposed every this many updates

@@ -60,10 +60,10 @@ class KFAC(Optimizer):
     Each step: the gradient (weight decay added, norm clipped) is preconditioned per layer,
     Δ = (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹ (factored Tikhonov damping with the π-correction, Martens & Grosse 2015,
     Sec. 6.3; the two damped inverses are built from the factors' eigendecompositions and kept between them); free
-    parameters get Δ = ∇ / (diag F + λ). The step is scaled by η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))) so that the
-    quadratic KL ½·lr²·η²·ΔᵀF̂Δ is at most ``kl_clip``; then θ ← θ − lr·(1 − momentum)·u with the momentum buffer
-    u ← momentum·u + η Δ. The factor (1 − momentum), as in OpenAI baselines and its PyTorch port, makes the
-    steady-state step (u → ηΔ / (1 − momentum) for a constant ηΔ) the trust-region step itself; without it, a
+    parameters get Δ = ∇ / (diag F + λ). The step is scaled by ν = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))) so that the
+    quadratic KL ½·lr²·ν²·ΔᵀF̂Δ is at most ``kl_clip``; then θ ← θ − lr·(1 − momentum)·u with the momentum buffer
+    u ← momentum·u + ν Δ. The factor (1 − momentum), as in OpenAI baselines and its PyTorch port, makes the
+    steady-state step (u → νΔ / (1 − momentum) for a constant νΔ) the trust-region step itself; without it, a
     momentum of 0.9 takes steps up to 10× the bounded one.
 
     ΔᵀF̂Δ is computed as Δᵀ∇: Δ = F̂⁻¹∇ exactly, for the damped block-diagonal K-FAC Fisher F̂ that is inverted,
@@ -553,7 +553,7 @@ class KFAC(Optimizer):
             if not math.isfinite(quadratic) or quadratic < 0:
                 warnings.warn("K-FAC: non-finite step, the step is skipped", RuntimeWarning, stacklevel=2)
                 return loss
-            # η = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))): the quadratic KL ½ lr² η² ΔᵀF̂Δ stays ≤ kl_clip (ACKTR, Sec. 3.1)
+            # ν = min(1, sqrt(2·kl_clip / (lr² ΔᵀF̂Δ))): the quadratic KL ½ lr² ν² ΔᵀF̂Δ stays ≤ kl_clip (ACKTR, Sec. 3.1)
             trust = 1.0 if quadratic == 0 or lr <= 0 else min(1.0, math.sqrt(2.0 * kl_clip / (lr**2 * quadratic)))
             self.step_scale = trust
             self.kl_estimate = 0.5 * lr**2 * trust**2 * quadratic
