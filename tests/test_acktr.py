@@ -8,7 +8,9 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3 import A2C
 from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
@@ -270,3 +272,20 @@ def test_learns_cartpole() -> None:
     assert evaluation.best_mean_reward >= 475
     assert model.num_timesteps <= 200_000
     assert all(th.isfinite(param).all() for param in model.policy.parameters())
+
+
+class _DumpCounter(KVWriter):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        self.steps.append(step)
+
+
+@pytest.mark.parametrize("algo", [ACKTR, A2C])
+def test_logs_every_100_updates_by_default_as_a2c(algo: type[A2C]) -> None:
+    counter = _DumpCounter()
+    model = algo("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), n_steps=2, seed=0)
+    model.set_logger(Logger(folder=None, output_formats=[counter]))
+    model.learn(400)
+    assert counter.steps == [200, 400]

@@ -1,12 +1,12 @@
 """ACKTR: actor-critic with a Kronecker-factored trust region (Wu et al., 2017)."""
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
@@ -22,6 +22,8 @@ from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
 from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
 from sb3_trust.common.policies import values_and_distribution
+
+SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 
 class ACKTR(TrustOnPolicyAlgorithm):
@@ -185,6 +187,28 @@ class ACKTR(TrustOnPolicyAlgorithm):
             cold_iters=self.kfac_cold_iters,
             weight_decay=self.kfac_weight_decay,
             max_grad_norm=self.max_grad_norm,
+        )
+
+    def learn(
+        self: SelfACKTR,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 100,
+        tb_log_name: str = "ACKTR",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfACKTR:
+        """
+        Train the model; the arguments are SB3's ``learn()``'s, with A2C's ``log_interval`` of 100: an update is
+        one short rollout, as in A2C, so logging every one would flood the output.
+        """
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
         )
 
     def train(self) -> None:
