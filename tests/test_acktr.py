@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import torch as th
+from stable_baselines3 import A2C
 from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3 import A2C
 from stable_baselines3.common.envs import SimpleMultiObsEnv
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
