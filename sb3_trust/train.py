@@ -10,15 +10,16 @@ import os
 import sys
 import sysconfig
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
 import sb3_trust
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
@@ -47,9 +48,11 @@ RUN_KEYS = (
 # The run keys that every reader of the files applies (this script and sb3_trust.benchmark)
 BASIC_RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize")
 # The run keys that this script applies; the others only rl-zoo3's own scripts do (python -m sb3_trust.zoo)
-TRAIN_RUN_KEYS = (*BASIC_RUN_KEYS, "env_kwargs", "monitor_kwargs")
+TRAIN_RUN_KEYS = (*BASIC_RUN_KEYS, "env_kwargs", "monitor_kwargs", "env_wrapper", "frame_stack")
 # The entry that rl-zoo3 uses for an environment without one of its own
 DEFAULT_ENTRY = "default"
+# The entry that rl-zoo3 uses for every Atari game without one of its own (before the default entry)
+ATARI_ENTRY = "atari"
 
 
 def find_config_dir() -> Path:
@@ -96,6 +99,52 @@ def normalize_kwargs(value: Any) -> dict[str, Any] | None:
     if isinstance(value, dict):
         return dict(value)
     return {} if value else None
+
+
+def register_atari_games() -> None:
+    """
+    Register ALE's games with Gymnasium when ale-py is installed (the ``atari`` extra), as rl-zoo3 does on import.
+    """
+    try:
+        import ale_py
+    except ImportError:
+        return
+    gym.register_envs(ale_py)
+
+
+def is_atari_game(env_id: str) -> bool:
+    """
+    :param env_id: a Gymnasium environment id
+    :return: whether it is one of ALE's games (rl-zoo3's test: the entry point is ALE's ``AtariEnv``)
+    """
+    return env_id in gym.registry and "AtariEnv" in str(gym.registry[env_id].entry_point)
+
+
+def wrapper_class(value: Any) -> Callable[[gym.Env], gym.Env] | None:
+    """
+    :param value: a zoo entry's ``env_wrapper``, in rl-zoo3's forms: a wrapper's dotted path, a mapping of one path to
+        its keyword arguments, or a list of these (applied in order), or None
+    :return: a function that wraps one environment, or None for no wrapper
+    :raises TypeError: for another form
+    """
+    if value is None:
+        return None
+    wrappers: list[tuple[Any, dict[str, Any]]] = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str):
+            wrappers.append((import_object(item), {}))
+        elif isinstance(item, dict) and len(item) == 1:
+            ((path, kwargs),) = item.items()
+            wrappers.append((import_object(path), keyword_arguments(kwargs, f"env_wrapper {path}")))
+        else:
+            raise TypeError(f"`env_wrapper` items must be a dotted path or {{path: kwargs}}, got {item!r}")
+
+    def wrap(env: gym.Env) -> gym.Env:
+        for wrapper, kwargs in wrappers:
+            env = wrapper(env, **kwargs)
+        return env
+
+    return wrap
 
 
 def linear_schedules(hyperparameters: dict[str, Any]) -> dict[str, Any]:
@@ -206,9 +255,15 @@ def main(argv: list[str] | None = None) -> float:
         parser.error(f"--timesteps must be at least 1, got {args.timesteps}")
     if args.eval_episodes < 1:
         parser.error(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
+    register_atari_games()
+    config = CONFIG_DIR / f"{algo}.yml"
     hyperparameters = load_hyperparameters(algo, args.env, CONFIG_DIR)
+    if not hyperparameters and is_atari_game(args.env):
+        # As in rl-zoo3, an Atari game without an entry of its own gets the `atari` entry, never the default one
+        hyperparameters = load_hyperparameters(algo, ATARI_ENTRY, CONFIG_DIR)
+        if not hyperparameters:
+            parser.error(f"{config} has no entry for {args.env} and no {ATARI_ENTRY!r} entry, which Atari games use")
     if not hyperparameters:
-        config = CONFIG_DIR / f"{algo}.yml"
         # As in rl-zoo3, an environment without an entry gets the file's `default` entry when it has one
         hyperparameters = load_hyperparameters(algo, DEFAULT_ENTRY, CONFIG_DIR)
         missing = f"No entry for {args.env} in {config}" if config.exists() else f"{config} not found"
@@ -226,10 +281,14 @@ def main(argv: list[str] | None = None) -> float:
         seed=args.seed,
         env_kwargs=keyword_arguments(run.get("env_kwargs", {}), "env_kwargs"),
         monitor_kwargs=keyword_arguments(run.get("monitor_kwargs", {}), "monitor_kwargs"),
+        wrapper_class=wrapper_class(run.get("env_wrapper")),
     )
     normalize = normalize_kwargs(run.get("normalize", False))
     if normalize is not None:
         env = VecNormalize(env, **{"gamma": float(hyperparameters.get("gamma", 0.99)), **normalize})
+    if run.get("frame_stack"):
+        # After the normalization, as rl-zoo3 stacks them
+        env = VecFrameStack(env, n_stack=int(run["frame_stack"]))
     policy = resolve_policy(run.get("policy", "MlpPolicy"))
     model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
@@ -238,9 +297,10 @@ def main(argv: list[str] | None = None) -> float:
     os.makedirs(args.output, exist_ok=True)
     checkpoint = Path(args.output) / f"{algo}_{args.env}_seed{args.seed}.zip"
     model.save(checkpoint)
-    if isinstance(env, VecNormalize):
-        env.save(str(checkpoint.with_suffix(".vecnormalize.pkl")))
-        env.training, env.norm_reward = False, False
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is not None:
+        vec_normalize.save(str(checkpoint.with_suffix(".vecnormalize.pkl")))
+        vec_normalize.training, vec_normalize.norm_reward = False, False
 
     mean_return, std_return = evaluate_policy(model, env, n_eval_episodes=args.eval_episodes, deterministic=True)
     print(f"Mean return over {args.eval_episodes} episodes: {mean_return:.1f} +/- {std_return:.1f}")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sb3_trust.train import ALGORITHMS, CONFIG_DIR
+from sb3_trust.train import ALGORITHMS, ATARI_ENTRY, CONFIG_DIR, is_atari_game, register_atari_games
 
 COMMANDS = ("train", "enjoy")
 
@@ -186,6 +186,29 @@ def default_config(algo: str) -> Path | None:
     return config
 
 
+def check_atari_entry(config: Path, env_id: str) -> None:
+    """
+    rl-zoo3 reads an Atari game without an entry of its own from the file's ``atari`` entry, and fails with a bare
+    ``KeyError`` when there is none: say so instead.
+
+    :param config: the YAML file a ``train`` command reads
+    :param env_id: its ``--env``
+    :raises SystemExit: for an Atari game that the file has neither an entry nor an ``atari`` entry for
+    """
+    import yaml
+
+    register_atari_games()
+    if config.suffix not in (".yml", ".yaml") or not config.exists() or not is_atari_game(env_id):
+        return
+    with open(config) as file:
+        entries = yaml.safe_load(file) or {}
+    if env_id not in entries and ATARI_ENTRY not in entries:
+        raise SystemExit(
+            f"{config} has no entry for {env_id} and no {ATARI_ENTRY!r} entry, which rl-zoo3 uses for Atari games: "
+            "add one, or pass --conf-file with one (zoo_configs/ ships one for acktr and ppokl)"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     :param argv: ``[command, *rl-zoo3 arguments]`` with command ``train`` or ``enjoy`` (default: ``sys.argv[1:]``)
@@ -195,9 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: python -m sb3_trust.zoo {{{','.join(COMMANDS)}}} [rl-zoo3 arguments]\n\n{__doc__}")
     command, arguments = argv[0], argv[1:]
     register_algorithms()
-    if command == "train" and _option_value(arguments, "--conf-file", "-conf") is None:
-        config = default_config(_option_value(arguments, "--algo") or "ppo")
+    if command == "train":
+        user_config = _option_value(arguments, "--conf-file", "-conf")
+        config = Path(user_config) if user_config is not None else default_config(_option_value(arguments, "--algo") or "ppo")
         if config is not None:
+            check_atari_entry(config, _option_value(arguments, "--env") or "CartPole-v1")
+        if user_config is None and config is not None:
             # First, so that a --conf-file the user gave in a spelling not recognised above still wins: argparse keeps
             # the last value of an option
             arguments = ["--conf-file", str(config), *arguments]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch as th
 from torch import nn
+from torch.nn import functional as F
 
 from sb3_trust.common.kfac import KFAC
 
@@ -520,3 +521,27 @@ def test_backward_of_a_convolution_gives_autograd_gradients() -> None:
     ((reference(inputs) - targets) ** 2).mean().backward()
     for param, reference_param in zip(network.parameters(), reference.parameters(), strict=True):
         assert th.allclose(param.grad, reference_param.grad, rtol=1e-10, atol=1e-12)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 3, kernel_size=8, stride=4),
+        nn.Conv2d(4, 3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2)),
+        nn.Conv2d(4, 3, kernel_size=3, padding=1, bias=False),
+        nn.Conv2d(4, 3, kernel_size=3, stride=2, dilation=2, padding=1),
+    ],
+)
+def test_convolution_rows_are_unfold_patches(conv: nn.Conv2d) -> None:
+    inputs = th.randn(5, 4, 17, 13)
+    patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    expected = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    rows = KFAC._layer_rows(conv, inputs, has_bias=conv.bias is not None)
+    if conv.bias is not None:
+        assert th.equal(rows[:, -1], th.ones(len(rows)))
+        rows = rows[:, :-1]
+    assert th.equal(rows, expected)
+    # Each row times the flattened kernel is the convolution's output at its location
+    outputs = (rows @ conv.weight.detach().reshape(conv.out_channels, -1).T).reshape(5, -1, conv.out_channels)
+    reference = F.conv2d(inputs, conv.weight.detach(), None, conv.stride, conv.padding, conv.dilation)
+    assert th.allclose(outputs, reference.flatten(2).transpose(1, 2), atol=1e-5)

@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import pytest
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -112,7 +113,7 @@ def test_run_keys_of_a_zoo_entry() -> None:
     # rl-zoo3's own files write the arguments as a dict(...) expression
     assert normalize_kwargs("dict(norm_obs=True, norm_reward=False)") == {"norm_obs": True, "norm_reward": False}
     assert keyword_arguments(None, "env_kwargs") == {}  # an empty `env_kwargs:` entry
-    for key in ("env_wrapper", "vec_env_wrapper", "frame_stack", "callback"):
+    for key in ("vec_env_wrapper", "callback"):
         with pytest.raises(ValueError, match=key):
             split_run_keys({key: "x"}, "X-v0", TRAIN_RUN_KEYS)
     # The environment's and the monitor's keyword arguments are run keys, not the algorithm's; a reader that does not
@@ -125,3 +126,40 @@ def test_run_keys_of_a_zoo_entry() -> None:
         split_run_keys(dict(entry), "X-v0")
     with pytest.raises(TypeError, match="mapping"):
         keyword_arguments([1], "env_kwargs")
+
+
+def test_env_wrappers_in_rl_zoo_forms() -> None:
+    assert train.wrapper_class(None) is None
+    wrap = train.wrapper_class(
+        [{"gymnasium.wrappers.TimeLimit": {"max_episode_steps": 7}}, "gymnasium.wrappers.FlattenObservation"]
+    )
+    assert wrap is not None
+    env = wrap(gym.make("CartPole-v1"))
+    assert isinstance(env, gym.wrappers.FlattenObservation) and isinstance(env.env, gym.wrappers.TimeLimit)
+    assert env.env._max_episode_steps == 7
+    single = train.wrapper_class("gymnasium.wrappers.FlattenObservation")
+    assert single is not None and isinstance(single(gym.make("CartPole-v1")), gym.wrappers.FlattenObservation)
+    with pytest.raises(TypeError, match="dotted path"):
+        train.wrapper_class([3])
+
+
+def test_train_applies_env_wrapper_and_frame_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "npg.yml").write_text(
+        "CartPole-v1:\n"
+        "  env_wrapper: [{gymnasium.wrappers.TimeAwareObservation: {flatten: true}}]\n"
+        "  frame_stack: 3\n"
+        "  n_steps: 32\n"
+        "  batch_size: 32\n"
+        "  n_critic_updates: 1\n"
+    )
+    calls: list[dict[str, Any]] = []
+
+    def recording_make_vec_env(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return make_vec_env(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_vec_env", recording_make_vec_env)
+    model = _train_with_config(tmp_path, monkeypatch, "CartPole-v1", "--timesteps", "64")
+    # CartPole's 4 numbers and the time, 3 frames of them
+    assert model.observation_space.shape == (15,)
+    assert isinstance(calls[0]["wrapper_class"](gym.make("CartPole-v1")), gym.wrappers.TimeAwareObservation)

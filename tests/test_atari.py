@@ -1,0 +1,55 @@
+"""Atari games: the zoo's `atari` entries through ``python -m sb3_trust.train`` and rl-zoo3, K-FAC on NatureCNN."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import ale_py  # noqa: F401  (the tests extra installs it: a missing emulator must fail here, not skip)
+import pytest
+import torch as th
+from stable_baselines3.common.torch_layers import NatureCNN
+
+from sb3_trust import ACKTR, PPOKL, train
+from sb3_trust.train import main
+
+GAME = "PongNoFrameskip-v4"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # K-FAC's eigendecomposition of NatureCNN's 3137 x 3137 factor slows down many times when the pytest workers'
+    # threads compete for the cores
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
+def test_train_uses_the_atari_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not the evaluation: one game of Pong by an untrained policy, with 16 environments in lockstep, takes minutes
+    monkeypatch.setattr(train, "evaluate_policy", lambda *args, **kwargs: (0.0, 0.0))
+    main(["--algo", "acktr", "--env", GAME, "--timesteps", "320", "--eval-episodes", "1", "--output", str(tmp_path)])
+    model = ACKTR.load(tmp_path / f"acktr_{GAME}_seed0.zip")
+    # SB3's AtariWrapper (84 x 84 grey frames), 4 of them stacked, channels first; 16 environments, NatureCNN
+    assert model.observation_space.shape == (4, 84, 84) and model.n_envs == 16
+    assert isinstance(model.policy.features_extractor, NatureCNN)
+    assert model.lr_schedule(0.5) == pytest.approx(0.125)  # lin_0.25
+    assert all(th.isfinite(param).all() for param in model.policy.parameters())
+
+
+def test_train_refuses_an_atari_game_without_an_atari_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--algo", "trpo", "--env", GAME, "--timesteps", "320", "--output", str(tmp_path)])
+    assert "no 'atari' entry" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_rl_zoo_trains_with_the_atari_entry(tmp_path: Path) -> None:
+    pytest.importorskip("rl_zoo3")
+    from sb3_trust import zoo
+
+    zoo.main(["train", "--algo", "ppokl", "--env", GAME, "-n", "1024", "-f", str(tmp_path)])
+    model = PPOKL.load(tmp_path / "ppokl" / f"{GAME}_1" / f"{GAME}.zip")
+    assert (model.n_envs, model.n_steps, model.batch_size) == (8, 128, 256)
+    assert model.observation_space.shape == (4, 84, 84)
+    with pytest.raises(SystemExit, match="no 'atari' entry"):
+        zoo.main(["train", "--algo", "trpo", "--env", GAME, "-n", "1024", "-f", str(tmp_path)])
