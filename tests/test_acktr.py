@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch as th
+from gymnasium import spaces
 from stable_baselines3 import A2C
 from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
@@ -13,6 +14,7 @@ from stable_baselines3.common.envs import SimpleMultiObsEnv
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
+from torch.nn import functional as F
 
 from sb3_trust import ACKTR
 from sb3_trust.common.kfac import KFAC
@@ -289,3 +291,43 @@ def test_logs_every_100_updates_by_default_as_a2c(algo: type[A2C]) -> None:
     model.set_logger(Logger(folder=None, output_formats=[counter]))
     model.learn(400)
     assert counter.steps == [200, 400]
+
+
+@pytest.mark.parametrize("env_id, normalize_advantage", [("CartPole-v1", False), ("CartPole-v1", True), ("Pendulum-v1", True)])
+def test_kfac_receives_the_gradient_of_the_a2c_loss(
+    env_id: str, normalize_advantage: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # K-FAC preconditions whatever .grad holds when step() is called: it must be ∇ of
+    # -mean(Â·log π(a|s)) + vf_coef·mean((R - v)²) - ent_coef·mean(entropy), recomputed here with SB3's evaluate_actions
+    env = make_vec_env(env_id, n_envs=2, seed=0)
+    model = ACKTR("MlpPolicy", env, ent_coef=0.1, vf_coef=0.3, normalize_advantage=normalize_advantage, **SMALL)
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    step = optimizer.step
+    compared: list[str] = []
+
+    def checked_step() -> float | None:
+        buffer = model.rollout_buffer  # flattened by train()'s get(): one row per sample
+        observations = th.as_tensor(buffer.observations)
+        actions = th.as_tensor(buffer.actions)
+        if isinstance(model.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        advantages, returns = th.as_tensor(buffer.advantages).flatten(), th.as_tensor(buffer.returns).flatten()
+        if normalize_advantage:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        params = list(model.policy.parameters())
+        with th.enable_grad():
+            values, log_prob, entropy = model.policy.evaluate_actions(observations, actions)
+            assert entropy is not None
+            loss = -(advantages * log_prob).mean() + 0.3 * F.mse_loss(returns, values.flatten()) - 0.1 * entropy.mean()
+            reference = th.autograd.grad(loss, params)
+        for (name, param), expected in zip(model.policy.named_parameters(), reference, strict=True):
+            assert param.grad is not None and bool(expected.abs().max() > 0), name
+            assert th.allclose(param.grad, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item()), name
+            compared.append(name)
+        return step()
+
+    monkeypatch.setattr(optimizer, "step", checked_step)
+    model.learn(16)
+    assert model.logger.name_to_value["train/n_updates"] == 1
+    assert {"value_net.weight", "action_net.weight"} <= set(compared)

@@ -113,10 +113,18 @@ def _tiny_network() -> nn.Sequential:
 
 
 def _prepared(
-    lr: float, kl_clip: float, damping: float = 0.1, momentum: float = 0.0
+    lr: float, kl_clip: float, damping: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> tuple[nn.Sequential, KFAC, list[th.Tensor]]:
     network = _tiny_network()
-    optimizer = KFAC(network, lr=lr, momentum=momentum, damping=damping, kl_clip=kl_clip, eigenvalue_min=1e-15)
+    optimizer = KFAC(
+        network,
+        lr=lr,
+        momentum=momentum,
+        damping=damping,
+        kl_clip=kl_clip,
+        eigenvalue_min=1e-15,
+        weight_decay=weight_decay,
+    )
     generator = th.Generator().manual_seed(4)
     inputs = th.randn(64, 3, dtype=th.float64, generator=generator)
     _categorical_fisher_pass(optimizer, network, inputs, generator)
@@ -545,3 +553,161 @@ def test_convolution_rows_are_unfold_patches(conv: nn.Conv2d) -> None:
     outputs = (rows @ conv.weight.detach().reshape(conv.out_channels, -1).T).reshape(5, -1, conv.out_channels)
     reference = F.conv2d(inputs, conv.weight.detach(), None, conv.stride, conv.padding, conv.dilation)
     assert th.allclose(outputs, reference.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def _block_matrix(weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """[W, b] as one (out, in + 1) matrix, the layout of a block's factors."""
+    return th.cat([weight, bias.unsqueeze(1)], dim=1)
+
+
+def _dense_direction(inverse_a: th.Tensor, inverse_g: th.Tensor, gradient: th.Tensor) -> th.Tensor:
+    """(G⁻¹ ⊗ A⁻¹) applied to a block's gradient with the dense Kronecker product (column-major vec)."""
+    return (th.kron(inverse_a, inverse_g) @ gradient.T.flatten()).reshape(gradient.shape[1], -1).T
+
+
+def _dense_quadratic(inverse_a: th.Tensor, inverse_g: th.Tensor, step: th.Tensor) -> float:
+    """½ sᵀF̂s with the dense damped K-FAC Fisher block (row-major vec)."""
+    fisher = th.kron(th.linalg.inv(inverse_g), th.linalg.inv(inverse_a))
+    return 0.5 * (step.flatten() @ fisher @ step.flatten()).item()
+
+
+@pytest.mark.parametrize("stat_decay, weights", [(0.9, (1 / 2, 1 / 3)), (0.5, (1 / 2, 1 / 2))])
+def test_running_factors_are_debiased_averages(stat_decay: float, weights: tuple[float, float]) -> None:
+    # Decay min(stat_decay, 1 - 1/t): the t-th statistics weigh 1/t until that falls below 1 - stat_decay
+    network = _tiny_network()
+    optimizer = KFAC(network, stat_decay=stat_decay)
+    generator = th.Generator().manual_seed(7)
+    expected_a = expected_g = th.zeros(0)
+    for updates, weight in enumerate((1.0, *weights), start=1):
+        inputs = updates * th.randn(6, 3, dtype=th.float64, generator=generator)  # a different scale each pass
+        _, scores = _categorical_fisher_pass(optimizer, network, inputs, generator)
+        hidden = _with_ones(th.tanh(network[0](inputs)).detach())
+        new_a, new_g = hidden.T @ hidden / 6, scores.T @ scores / 6
+        expected_a = new_a if updates == 1 else (1 - weight) * expected_a + weight * new_a
+        expected_g = new_g if updates == 1 else (1 - weight) * expected_g + weight * new_g
+        factor_a, factor_g = optimizer.kronecker_factors(network[2])
+        assert optimizer.state[network[2].weight]["stat_updates"] == updates
+        assert th.allclose(factor_a, expected_a, rtol=1e-12, atol=0)
+        assert th.allclose(factor_g, expected_g, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cold_iters", [0, 1])
+def test_eigenbasis_is_refreshed_every_inverse_update_freq_steps(cold_iters: int) -> None:
+    # The first K-FAC step after the cold ones decomposes the factors, then every inverse_update_freq-th step
+    network = _tiny_network()
+    optimizer = KFAC(network, lr=0.01, momentum=0.0, inverse_update_freq=3, cold_iters=cold_iters, eigenvalue_min=1e-15)
+    generator = th.Generator().manual_seed(8)
+    state = optimizer.state[network[2].weight]
+    refreshed = []
+    for step in range(1, 5 + cold_iters):
+        # New statistics before every step, so a stale basis differs from the current factors'
+        _categorical_fisher_pass(optimizer, network, th.randn(16, 3, dtype=th.float64, generator=generator), generator)
+        previous = state["eig_A"].clone() if "eig_A" in state else None
+        optimizer.step()
+        if step <= cold_iters:
+            assert "eig_A" not in state
+            continue
+        eig_a, basis_a = th.linalg.eigh(state["A"])
+        eig_g, basis_g = th.linalg.eigh(state["G"])
+        if previous is None or not th.equal(previous, state["eig_A"]):
+            refreshed.append(step)
+            assert th.allclose(state["eig_A"], eig_a.clamp_min(1e-15), rtol=1e-12, atol=1e-15)
+            assert th.allclose(state["eig_G"], eig_g.clamp_min(1e-15), rtol=1e-12, atol=1e-15)
+            assert th.allclose(state["Q_A"].abs(), basis_a.abs(), rtol=1e-10, atol=1e-12)
+            assert th.allclose(state["Q_G"].abs(), basis_g.abs(), rtol=1e-10, atol=1e-12)
+        else:
+            assert not th.allclose(state["eig_A"], eig_a, rtol=1e-6)  # stale: the factors moved since
+    assert refreshed == [1 + cold_iters, 4 + cold_iters]
+
+
+def test_clipped_gradient_scales_the_step_and_its_quadratic() -> None:
+    # Clipping multiplies ∇, hence Δ, by c = max_grad_norm / (‖∇‖ + 1e-6): the step by c and its quadratic KL by c²
+    damping = 0.1
+    for lr, kl_clip in ((1.0, 1e9), (0.25, 1e-5)):
+        network, optimizer, grads = _prepared(lr=lr, kl_clip=kl_clip, damping=damping)
+        grad_norm = th.linalg.vector_norm(th.cat([grad.flatten() for grad in grads])).item()
+        optimizer.max_grad_norm = 0.1 * grad_norm
+        clip = optimizer.max_grad_norm / (grad_norm + 1e-6)
+        before = [param.detach().clone() for param in network.parameters()]
+        optimizer.step()
+        scale = optimizer.step_scale
+        assert (scale == 1.0) if kl_clip > 1 else (0 < scale < 1)
+        quadratic = 0.0
+        for index, layer in ((0, network[0]), (2, network[2])):
+            inverse_a, inverse_g = _dense_damped_inverse(optimizer, layer, damping)
+            direction = _dense_direction(inverse_a, inverse_g, _block_matrix(grads[index], grads[index + 1]))
+            step = _block_matrix(before[index] - layer.weight, before[index + 1] - layer.bias)
+            assert th.allclose(step, lr * clip * scale * direction, rtol=1e-6, atol=1e-12)
+            quadratic += _dense_quadratic(inverse_a, inverse_g, step)
+        assert optimizer.kl_estimate == pytest.approx(quadratic, rel=1e-6)
+        if kl_clip < 1:
+            # The trust region bounds the quadratic KL of the clipped step, not of the unclipped one
+            assert quadratic == pytest.approx(kl_clip, rel=1e-6)
+
+
+def test_weight_decay_is_added_to_the_gradient_before_preconditioning() -> None:
+    damping, weight_decay = 0.1, 0.1
+    network, optimizer, grads = _prepared(lr=1.0, kl_clip=1e9, damping=damping, weight_decay=weight_decay)
+    before = [param.detach().clone() for param in network.parameters()]
+    optimizer.step()
+    assert optimizer.step_scale == 1.0
+    for index, layer in ((0, network[0]), (2, network[2])):
+        inverse_a, inverse_g = _dense_damped_inverse(optimizer, layer, damping)
+        weights = _block_matrix(before[index], before[index + 1])
+        decayed = _block_matrix(grads[index], grads[index + 1]) + weight_decay * weights
+        step = _block_matrix(before[index] - layer.weight, before[index + 1] - layer.bias)
+        assert th.allclose(step, _dense_direction(inverse_a, inverse_g, decayed), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("quadratic", [float("nan"), -1.0])
+def test_non_finite_or_negative_quadratic_skips_the_step(quadratic: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    network, optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3, momentum=0.9)
+    optimizer.step()  # non-zero momentum buffers, which a skipped step must leave alone
+    params = list(network.parameters())
+    before = [param.detach().clone() for param in params]
+    buffers = [optimizer.state[param]["momentum_buffer"].clone() for param in params]
+    assert all(bool(buffer.abs().sum() > 0) for buffer in buffers)
+    precondition = optimizer._precondition
+
+    def corrupted(grads: list[th.Tensor], damping: float, refresh: bool) -> tuple[list[th.Tensor], list[th.Tensor]]:
+        # Finite directions, so only the quadratic's guard can stop the step
+        directions, _ = precondition(grads, damping, refresh)
+        return directions, [th.tensor(quadratic, dtype=th.float64)]
+
+    monkeypatch.setattr(optimizer, "_precondition", corrupted)
+    with pytest.warns(RuntimeWarning, match="non-finite step"):
+        optimizer.step()
+    for old, param, buffer in zip(before, params, buffers, strict=True):
+        assert th.equal(old, param)
+        assert th.equal(buffer, optimizer.state[param]["momentum_buffer"])
+    assert math.isnan(optimizer.step_scale) and math.isnan(optimizer.kl_estimate)
+
+
+def _clamped_rank_one(matrix: th.Tensor, floor: float) -> th.Tensor:
+    """vvᵀ with its spectrum clamped to ≥ floor, by hand: ‖v‖² on v (or floor), floor on v's complement."""
+    assert th.linalg.matrix_rank(matrix).item() == 1
+    norm = th.trace(matrix).item()
+    projection = matrix / norm
+    return floor * (th.eye(len(matrix), dtype=matrix.dtype) - projection) + max(norm, floor) * projection
+
+
+def test_eigenvalues_are_clamped_before_damping() -> None:
+    # One input row: every factor is rank one, so all but one eigenvalue is raised to eigenvalue_min (π too)
+    damping, floor = 0.1, 0.5
+    network = _tiny_network()
+    optimizer = KFAC(network, lr=1.0, momentum=0.0, damping=damping, kl_clip=1e9, eigenvalue_min=floor)
+    generator = th.Generator().manual_seed(9)
+    _categorical_fisher_pass(optimizer, network, th.randn(1, 3, dtype=th.float64, generator=generator), generator)
+    grads = [param.grad.clone() for param in network.parameters()]  # type: ignore[union-attr]
+    before = [param.detach().clone() for param in network.parameters()]
+    optimizer.step()
+    assert optimizer.step_scale == 1.0
+    root = math.sqrt(damping)
+    for index, layer in ((0, network[0]), (2, network[2])):
+        factor_a, factor_g = (_clamped_rank_one(factor, floor) for factor in optimizer.kronecker_factors(layer))
+        pi = math.sqrt((th.trace(factor_a) / len(factor_a)).item() / (th.trace(factor_g) / len(factor_g)).item())
+        inverse_a = th.linalg.inv(factor_a + pi * root * th.eye(len(factor_a), dtype=th.float64))
+        inverse_g = th.linalg.inv(factor_g + root / pi * th.eye(len(factor_g), dtype=th.float64))
+        step = _block_matrix(before[index] - layer.weight, before[index + 1] - layer.bias)
+        expected = _dense_direction(inverse_a, inverse_g, _block_matrix(grads[index], grads[index + 1]))
+        assert th.allclose(step, expected, rtol=1e-6, atol=1e-12)

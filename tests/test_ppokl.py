@@ -1,8 +1,10 @@
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import SimpleMultiObsEnv
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -10,6 +12,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from sb3_trust import PPOKL
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 from sb3_trust.ppokl import adapt_kl_coef
+from sb3_trust.ppokl import ppokl as ppokl_module
 
 SMALL = dict(n_steps=64, batch_size=32, n_epochs=2, policy_kwargs=dict(net_arch=[16]), seed=0)
 RULE = dict(target_kl=0.01, tolerance=1.5, factor=2.0, kl_coef_min=1e-4, kl_coef_max=1e4)
@@ -113,7 +116,7 @@ def test_zero_penalty_without_clipping_is_the_importance_sampling_gradient(clip_
         old_distribution = detach_distribution(model.policy.get_distribution(samples.observations))
         # Move the policy so the ratios are not all 1 (the clip then matters)
         for param in model.policy.parameters():
-            param.add_(0.05 * th.randn_like(param))
+            param.add_(0.1 * th.randn_like(param))
     indices = th.arange(len(samples.actions))
     clip = None if model.clip_range is None else model.clip_range(1.0)
     loss, _ = model._minibatch_loss(samples, samples.actions, old_distribution, indices, clip, None)
@@ -125,6 +128,96 @@ def test_zero_penalty_without_clipping_is_the_importance_sampling_gradient(clip_
     expected = th.autograd.grad(plain, params, allow_unused=True, materialize_grads=True)
     close = all(th.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(ours, expected, strict=True))
     assert close == matches
+
+
+class TwoDimBoxEnv(gym.Env):
+    """Random observations, a 2-d action rewarded for tracking them: the KL must sum over action dimensions."""
+
+    observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.n_steps = 0
+        self.obs = self.np_random.uniform(-1.0, 1.0, 3).astype(np.float32)
+        return self.obs, {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = -0.1 * float(np.sum((action - self.obs[:2]) ** 2))
+        self.n_steps += 1
+        self.obs = self.np_random.uniform(-1.0, 1.0, 3).astype(np.float32)
+        return self.obs, reward, False, self.n_steps >= 16, {}
+
+
+def _raise_not_implemented(*args: Any) -> th.Tensor:
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("kl_estimate", ["analytic", "sample"])
+def test_minibatch_loss_and_gradient_match_the_written_out_loss(kl_estimate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kl_coef, clip_range, clip_range_vf, ent_coef, vf_coef = 0.7, 0.1, 0.2, 0.05, 0.5
+    settings = {**SMALL, "clip_range": clip_range, "clip_range_vf": clip_range_vf, "ent_coef": ent_coef, "vf_coef": vf_coef}
+    model = PPOKL("MlpPolicy", DummyVecEnv([TwoDimBoxEnv] * 2), normalize_advantage=True, **settings)
+    model.learn(128)  # fills the rollout buffer
+    model.kl_coef = kl_coef
+    policy = model.policy
+    samples = next(model.rollout_buffer.get(batch_size=None))
+
+    def heads(obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        # Mean, σ and value straight from the networks, bypassing SB3's distribution classes
+        latent_pi, latent_vf = policy.mlp_extractor(policy.extract_features(obs))
+        mean = policy.action_net(latent_pi)
+        return mean, th.exp(policy.log_std).expand_as(mean), policy.value_net(latent_vf).flatten()
+
+    generator = th.Generator().manual_seed(0)
+    with th.no_grad():
+        old_distribution = detach_distribution(policy.get_distribution(samples.observations))
+        old_mean, old_std, _ = heads(samples.observations)
+        # Log-probabilities under π_old, as train() sees them: the ratios then measure only the perturbation below
+        samples = samples._replace(old_log_prob=th.distributions.Normal(old_mean, old_std).log_prob(samples.actions).sum(1))
+        for param in policy.parameters():
+            param.add_(0.1 * th.randn(param.shape, generator=generator))
+        policy.log_std.add_(th.tensor([0.1, -0.1]))  # σ moves both ways, so KL(old‖new) ≠ KL(new‖old)
+    indices = th.randperm(len(samples.actions), generator=generator)[:32]
+    if kl_estimate == "sample":
+        # As for a distribution without a closed-form KL: _mean_kl must fall back to the sample estimate
+        monkeypatch.setattr(ppokl_module, "mean_kl", _raise_not_implemented)
+    loss, terms = model._minibatch_loss(samples, samples.actions, old_distribution, indices, clip_range, clip_range_vf)
+
+    mean, std, values = heads(samples.observations[indices])
+    old, new = th.distributions.Normal(old_mean[indices], old_std[indices]), th.distributions.Normal(mean, std)
+    advantages = samples.advantages[indices]
+    advantages = (advantages - advantages.mean()) / (advantages.std(correction=1) + 1e-8)  # torch's default std: Bessel
+    log_ratio = new.log_prob(samples.actions[indices]).sum(1) - samples.old_log_prob[indices]
+    ratio = th.exp(log_ratio)
+    clip_fraction = ((ratio - 1).abs() > clip_range).float().mean().item()
+    assert 0 < clip_fraction < 1  # both branches of the clipped objective are exercised
+    policy_loss = -th.min(ratio * advantages, th.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages).mean()
+    if kl_estimate == "analytic":
+        kl = th.distributions.kl_divergence(old, new).sum(1).mean()
+        reverse_kl = th.distributions.kl_divergence(new, old).sum(1).mean()
+        assert abs(kl.item() - reverse_kl.item()) > 0.05 * kl.item()
+    else:
+        kl = th.mean(ratio - 1 - log_ratio)
+        assert abs(kl.item() - th.mean(-log_ratio).item()) > 0.05 * kl.item()
+    old_values = samples.old_values[indices]
+    assert 0 < ((values - old_values).abs() > clip_range_vf).float().mean() < 1  # the value clip bites on some rows
+    clipped_values = old_values + th.clamp(values - old_values, -clip_range_vf, clip_range_vf)
+    value_loss = th.mean((samples.returns[indices] - clipped_values) ** 2)
+    entropy_loss = -new.entropy().sum(1).mean()
+    expected = policy_loss + kl_coef * kl + vf_coef * value_loss + ent_coef * entropy_loss
+    assert kl_coef * kl.item() > 0.01 * abs(expected.item())  # the penalty is not negligible in the loss
+
+    th.testing.assert_close(loss, expected, rtol=1e-6, atol=0.0)
+    assert terms["clip"] == pytest.approx(clip_fraction)
+    assert terms["kl_penalty"] == pytest.approx(kl_coef * kl.item(), rel=1e-6)
+    assert terms["pg"] == pytest.approx(policy_loss.item(), rel=1e-6)
+    assert terms["value"] == pytest.approx(value_loss.item(), rel=1e-6)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    ours = th.autograd.grad(loss, params, retain_graph=True)
+    hand_written = th.autograd.grad(expected, params)
+    for a, b in zip(ours, hand_written, strict=True):
+        th.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])

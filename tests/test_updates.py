@@ -1,0 +1,267 @@
+"""
+The update rules themselves: the backtracking line search, TRPO's undo of a failed search, the Fisher sub-sample,
+the critic's undo of a non-finite update, the rollout's Gaussian draw and time-limit bootstrap, and NPG's step.
+
+Each test pins down a behaviour that a plausible one-line slip in the source would change.
+"""
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import sb3_trust.trpo.trpo as trpo_module
+from sb3_trust import NPG, TRPO
+from sb3_trust.common import natural_gradient
+from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters
+from sb3_trust.common.line_search import LineSearchResult, backtracking_line_search
+from sb3_trust.common.surrogate import ImportanceSampledSurrogate
+from tests.test_fisher import dense_kl_hessian
+
+TINY = dict(policy_kwargs=dict(net_arch=[4]), seed=0)
+
+
+def collect(model: NPG) -> None:
+    """Fill the model's rollout buffer once, as learn() would before its first train()."""
+    model._setup_learn(model.n_steps * model.n_envs)
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
+
+
+class ScriptedEvaluations:
+    """An ``evaluate`` for the line search that records the step sizes and answers (objective, KL) from a table."""
+
+    def __init__(self, table: list[tuple[float, float]]) -> None:
+        self.table = table
+        self.calls: list[float] = []
+
+    def __call__(self, step_size: float) -> tuple[float, float]:
+        self.calls.append(step_size)
+        return self.table[len(self.calls) - 1]
+
+
+def test_line_search_shrinks_past_a_kl_violation_then_accepts() -> None:
+    max_step_size, rho = 0.37, 0.6
+    # Too far at α₀ (KL > δ, although the objective improves), within δ and improving at ρα₀
+    evaluate = ScriptedEvaluations([(2.0, 0.05), (1.5, 0.008), (9.0, 0.0)])
+    result = backtracking_line_search(evaluate, max_step_size, 1.0, 0.01, rho, 10)
+    assert result.accepted
+    assert result.step_size == rho * max_step_size
+    assert result.n_evaluations == 2
+    assert evaluate.calls == [max_step_size, rho * max_step_size]
+    assert (result.objective, result.kl) == (1.5, 0.008)
+
+
+def test_line_search_fails_when_the_objective_never_improves() -> None:
+    max_step_size, rho, objective_before = 0.37, 0.6, 1.0
+    # KL always within δ: only the improvement check can reject these (equal is not an improvement, NaN neither)
+    table = [(objective_before, 0.001), (float("nan"), 0.001), (0.5, 0.0), (objective_before, 0.0), (-3.0, 0.002)]
+    evaluate = ScriptedEvaluations(table)
+    result = backtracking_line_search(evaluate, max_step_size, objective_before, 0.01, rho, len(table))
+    assert result.accepted is False
+    assert result.n_evaluations == len(table)
+    assert evaluate.calls == pytest.approx([max_step_size * rho**k for k in range(len(table))], rel=1e-15, abs=0.0)
+    # The last step size tried is reported
+    assert result.step_size == evaluate.calls[-1]
+
+
+def test_trpo_restores_the_parameters_after_a_failed_line_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=64, batch_size=64, **TINY)
+    collect(model)
+    before = [param.detach().clone() for param in model.actor_parameters]
+    moved = []
+
+    def failing_search(evaluate: Any, max_step_size: float, *args: Any) -> LineSearchResult:
+        # Evaluating a step moves the parameters; then report that nothing was accepted
+        objective, kl = evaluate(max_step_size)
+        moved.append(any(not th.equal(old, new) for old, new in zip(before, model.actor_parameters, strict=True)))
+        return LineSearchResult(max_step_size, objective, kl, 1, False)
+
+    monkeypatch.setattr(trpo_module, "backtracking_line_search", failing_search)
+    model.train()
+    assert moved == [True]
+    for old, new in zip(before, model.actor_parameters, strict=True):
+        assert th.equal(old, new)
+    logged = model.logger.name_to_value
+    assert logged["train/is_line_search_success"] == 0.0
+    assert logged["train/step_size"] == 0.0
+
+
+def test_fisher_products_use_the_sub_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    n_steps, factor = 128, 4
+    model = NPG(
+        "MlpPolicy",
+        make_vec_env("Pendulum-v1", n_envs=1, seed=0),
+        n_steps=n_steps,
+        batch_size=n_steps,
+        sub_sampling_factor=factor,
+        cg_max_steps=64,
+        **TINY,
+    )
+    n_actor = sum(param.numel() for param in model.actor_parameters)
+    assert model.cg_max_steps >= n_actor
+    collect(model)
+
+    batch_sizes: list[int] = []
+    indices: list[th.Tensor] = []
+    sub_observations: list[th.Tensor] = []
+    solves: list[tuple[th.Tensor, th.Tensor, th.Tensor]] = []
+
+    class RecordingFisher(FisherVectorProduct):
+        def __init__(self, distribution: Any, params: Any, damping: float) -> None:
+            super().__init__(distribution, params, damping)
+            batch_sizes.append(distribution.distribution.mean.shape[0])
+
+    original_distribution_on = ImportanceSampledSurrogate.distribution_on
+
+    def recording_distribution_on(self: ImportanceSampledSurrogate, rows: th.Tensor | None) -> Any:
+        # The rows index the surrogate's own (shuffled) copy of the rollout
+        indices.append(rows)
+        sub_observations.append(self.observations[rows])
+        return original_distribution_on(self, rows)
+
+    original_direction = model._natural_gradient_direction
+
+    def recording_direction(gradient: th.Tensor, fisher: FisherVectorProduct) -> Any:
+        # Still at θ_old here: the dense Fisher of the sub-sample the products were built on
+        assert sub_observations, "the Fisher-vector products were built on the whole rollout, not a sub-sample"
+        hessian = dense_kl_hessian(model.policy, sub_observations[-1], model.actor_parameters)
+        direction, quadratic_form = original_direction(gradient, fisher)
+        solves.append((gradient.detach().clone(), hessian.detach(), direction.detach().clone()))
+        return direction, quadratic_form
+
+    monkeypatch.setattr(natural_gradient, "FisherVectorProduct", RecordingFisher)
+    monkeypatch.setattr(ImportanceSampledSurrogate, "distribution_on", recording_distribution_on)
+    monkeypatch.setattr(model, "_natural_gradient_direction", recording_direction)
+    model.train()
+
+    assert batch_sizes == [n_steps // factor]
+    assert len(indices) == 1 and len(th.unique(indices[0])) == n_steps // factor
+    gradient, hessian, direction = solves[0]
+    # The gradient is the whole rollout's; only F comes from the sub-sample
+    damped = hessian.double() + model.cg_damping * th.eye(n_actor, dtype=th.float64)
+    expected = th.linalg.solve(damped, gradient.double())
+    assert th.allclose(direction.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_non_finite_critic_update_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=64, batch_size=32, **TINY)
+    model.learn(64)
+    optimizer = model.policy.optimizer
+    assert optimizer.state, "the critic optimizer should have moment estimates after an update"
+    before = [param.detach().clone() for param in model.critic_parameters]
+    original_step = optimizer.step
+
+    def overflowing_step(*args: Any, **kwargs: Any) -> Any:
+        # An overflow inside the optimizer: one critic weight becomes inf
+        result = original_step(*args, **kwargs)
+        with th.no_grad():
+            model.critic_parameters[0].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(optimizer, "step", overflowing_step)
+    with pytest.warns(RuntimeWarning, match="Critic update undone"):
+        model.train()
+    for old, new in zip(before, model.critic_parameters, strict=True):
+        assert th.equal(old, new)
+    # The moment estimates are restarted with the undo
+    assert not optimizer.state
+
+
+def test_rollout_gaussian_draw_scales_by_sigma() -> None:
+    # log σ = 0 hides σ² in place of σ: move it away from 0
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=1024, batch_size=128, **TINY)
+    with th.no_grad():
+        model.policy.log_std.fill_(-0.7)
+    collect(model)
+    buffer = model.rollout_buffer
+    observations = th.as_tensor(buffer.observations.reshape(-1, 3))
+    actions = th.as_tensor(buffer.actions.reshape(-1, 1))
+    with th.no_grad():
+        distribution = model.policy.get_distribution(observations).distribution
+    assert th.allclose(distribution.stddev, th.tensor(np.exp(-0.7), dtype=th.float32))
+    standardised = ((actions - distribution.mean) / distribution.stddev).flatten()
+    assert len(standardised) == 2048
+    assert abs(standardised.mean().item()) < 0.1
+    assert abs(standardised.var().item() - 1.0) < 0.1
+
+
+class CountingEnv(gym.Env):
+    """Observes how many steps its episode has run and is rewarded that count; only a time limit ends it."""
+
+    observation_space = gym.spaces.Box(0.0, 10.0, (1,), dtype=np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.count = 0
+        return np.array([0.0], dtype=np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.count += 1
+        return np.array([self.count], dtype=np.float32), float(self.count), False, False, {}
+
+
+def test_truncated_episodes_bootstrap_with_the_discounted_terminal_value() -> None:
+    gamma, n_steps, limits = 0.9, 20, (5, 4)
+    env = DummyVecEnv([lambda limit=limit: gym.wrappers.TimeLimit(CountingEnv(), limit) for limit in limits])
+    model = TRPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, gamma=gamma, **TINY)
+    collect(model)
+
+    expected = np.empty((n_steps, len(limits)), dtype=np.float32)
+    for env_index, limit in enumerate(limits):
+        counts = np.arange(n_steps) % limit + 1
+        expected[:, env_index] = counts
+        # The critic's value of the observation the time limit cut the episode at, as the rollout computes it
+        with th.no_grad():
+            terminal_value = model.policy.predict_values(model.policy.obs_to_tensor(np.array([limit], np.float32))[0])
+        column = expected[:, env_index]
+        column[counts == limit] += gamma * terminal_value.item()
+    assert np.array_equal(model.rollout_buffer.rewards, expected)
+    # A sanity check that the bootstrap is not negligible here
+    assert not np.allclose(model.rollout_buffer.rewards[4, 0], 5.0)
+
+
+def test_npg_step_and_logged_gain_match_a_dense_solve() -> None:
+    # Without advantage normalisation L(θ_old) = mean advantage ≠ 0, so the gain and L(θ_new) differ
+    model = NPG(
+        "MlpPolicy",
+        make_vec_env("Pendulum-v1", n_envs=1, seed=0),
+        n_steps=64,
+        batch_size=64,
+        cg_max_steps=64,
+        normalize_advantage=False,
+        target_kl=0.01,
+        **TINY,
+    )
+    actor = model.actor_parameters
+    n_actor = sum(param.numel() for param in actor)
+    assert model.cg_max_steps >= n_actor
+    collect(model)
+    samples = next(model.rollout_buffer.get(batch_size=None))
+    surrogate = ImportanceSampledSurrogate(model.policy, samples, normalize_advantage=False)
+    evaluation = surrogate.evaluate()
+    objective_before = evaluation.objective.item()
+    assert abs(objective_before) > 1e-3
+    gradient = flat_gradient(evaluation.objective, actor).double()
+    hessian = dense_kl_hessian(model.policy, samples.observations, actor).detach().double()
+    theta_old = flat_parameters(actor)
+
+    model.train()
+
+    damped = hessian + model.cg_damping * th.eye(n_actor, dtype=th.float64)
+    direction = th.linalg.solve(damped, gradient)
+    # The step is sized with the damped quadratic form sᵀ(F + λI)s
+    step_size = np.sqrt(2.0 * model.target_kl / th.dot(direction, damped @ direction).item())
+    expected = step_size * direction
+    delta = (flat_parameters(actor) - theta_old).double()
+    assert th.allclose(delta, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    logged = model.logger.name_to_value
+    assert logged["train/step_size"] == pytest.approx(step_size, rel=1e-4)
+    with th.no_grad():
+        gain = surrogate.evaluate().objective.item() - objective_before
+    assert gain > 0
+    assert logged["train/policy_objective"] == pytest.approx(gain, rel=1e-4)
