@@ -5,6 +5,7 @@ the critic's undo of a non-finite update, the rollout's Gaussian draw and time-l
 Each test pins down a behaviour that a plausible one-line slip in the source would change.
 """
 
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -265,3 +266,22 @@ def test_npg_step_and_logged_gain_match_a_dense_solve() -> None:
         gain = surrogate.evaluate().objective.item() - objective_before
     assert gain > 0
     assert logged["train/policy_objective"] == pytest.approx(gain, rel=1e-4)
+
+
+@pytest.mark.parametrize("algo", [NPG, TRPO])
+def test_step_to_a_policy_torch_refuses_is_not_taken(algo: type[NPG]) -> None:
+    # A step that drives log σ to -1e4 makes σ underflow to 0, which torch's Normal refuses with a ValueError: the
+    # update must be skipped (NPG) or the line search must reject the trial (TRPO), never crash or keep the step
+    model = algo("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, policy_kwargs=dict(net_arch=[8]), seed=0)
+    model.learn(64)
+    surrogate = ImportanceSampledSurrogate(model.policy, next(model.rollout_buffer.get(batch_size=None)), True)
+    before = model._actor_parameters_vector().clone()
+    direction = th.cat([th.full_like(p, -1e4 if p is model.policy.log_std else 0.0).flatten() for p in model.actor_parameters])
+    assert bool(th.isfinite(before + direction).all())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = model._take_step(surrogate, direction, 1.0, surrogate.evaluate().objective.item())
+    assert not step.accepted and step.step_size == 0.0
+    assert th.equal(model._actor_parameters_vector(), before)
+    if algo is NPG:
+        assert any("not finite" in str(warning.message) for warning in caught)

@@ -305,6 +305,23 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     def _set_actor_parameters(self, flat: th.Tensor) -> None:
         set_flat_parameters(self.actor_parameters, flat)
 
+    def _evaluate_trial(self, surrogate: ImportanceSampledSurrogate, parameters: th.Tensor) -> tuple[float, float]:
+        """
+        Move the actor to trial parameters and evaluate the surrogate there.
+
+        :param surrogate: the surrogate of this update, frozen at θ_old
+        :param parameters: the trial actor parameters (finite)
+        :return: L(θ) and the mean KL(π_old ‖ π_θ); (NaN, inf) when torch refuses the distribution at θ (its argument
+            checks reject, e.g., a standard deviation that underflowed to 0): θ is then no policy, and no step
+        """
+        self._set_actor_parameters(parameters)
+        with th.no_grad():
+            try:
+                evaluation = surrogate.evaluate()
+            except ValueError:
+                return float("nan"), float("inf")
+        return evaluation.objective.item(), evaluation.kl.item()
+
     def _actor_parameters_vector(self) -> th.Tensor:
         return flat_parameters(self.actor_parameters)
 

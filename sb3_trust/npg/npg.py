@@ -40,13 +40,10 @@ class NPG(NaturalGradientAlgorithm):
         :param max_step_size: α = sqrt(2δ / sᵀ(F + λI)s)
         :param objective_before: L(θ_old)
         :return: the step taken, with its realised KL and surrogate gain; the zero step when the new policy's KL
-            or surrogate is not finite (e.g. a standard deviation that overflowed), which is undone
+            or surrogate is not finite (e.g. a standard deviation that overflowed or underflowed), which is undone
         """
         old_parameters = self._actor_parameters_vector()
-        self._set_actor_parameters(old_parameters + max_step_size * direction)
-        with th.no_grad():
-            evaluation = surrogate.evaluate()
-        kl, objective = evaluation.kl.item(), evaluation.objective.item()
+        objective, kl = self._evaluate_trial(surrogate, old_parameters + max_step_size * direction)
         if not (math.isfinite(kl) and math.isfinite(objective)):
             self._set_actor_parameters(old_parameters)
             self._skip_update("the new policy's KL or surrogate is not finite")

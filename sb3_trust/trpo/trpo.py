@@ -149,14 +149,8 @@ class TRPO(NaturalGradientAlgorithm):
         """
         old_parameters = self._actor_parameters_vector()
 
-        def evaluate(step_size: float) -> tuple[float, float]:
-            self._set_actor_parameters(old_parameters + step_size * direction)
-            with th.no_grad():
-                evaluation = surrogate.evaluate()
-            return evaluation.objective.item(), evaluation.kl.item()
-
         result = backtracking_line_search(
-            evaluate,
+            lambda step_size: self._evaluate_trial(surrogate, old_parameters + step_size * direction),
             max_step_size,
             objective_before,
             self.target_kl,
