@@ -1,6 +1,7 @@
 """
 The update rules themselves: the backtracking line search, TRPO's undo of a failed search, the Fisher sub-sample,
-the critic's undo of a non-finite update, the rollout's Gaussian draw and time-limit bootstrap, and NPG's step.
+the critic's undo of a non-finite update, the rollout's Gaussian draw and time-limit bootstrap, NPG's step, and a
+trial step to a policy that torch refuses.
 
 Each test pins down a behaviour that a plausible one-line slip in the source would change.
 """
