@@ -1,6 +1,5 @@
 """ACKTR: every action space and policy, logging, validation, save/load of the K-FAC state, learning CartPole."""
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,7 @@ LOGGED = (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    # K-FAC's eigendecompositions slow down badly when LAPACK threads compete for busy cores
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("space", list(action_space_envs()))

@@ -1,6 +1,5 @@
 """Atari games: the zoo's `atari` entries through ``python -m sb3_trust.train`` and rl-zoo3, K-FAC on NatureCNN."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import ale_py  # noqa: F401  (the tests extra installs it: a missing emulator must fail here, not skip)
@@ -14,14 +13,8 @@ from sb3_trust.train import main
 GAME = "PongNoFrameskip-v4"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # K-FAC's eigendecomposition of NatureCNN's 3137 x 3137 factor slows down many times when the pytest workers'
-    # threads compete for the cores
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
+# K-FAC's eigendecomposition of NatureCNN's 3137 x 3137 factor is among what the shared fixture keeps on one thread
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_train_uses_the_atari_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
