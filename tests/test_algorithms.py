@@ -50,8 +50,12 @@ def test_runs_on_every_action_space(algo: type[NPG], space: str) -> None:
 def test_gsde_and_vecnormalize(algo: type[NPG]) -> None:
     env = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0))
     model = algo("MlpPolicy", env, use_sde=True, sde_sample_freq=4, **SMALL)
+    log_std_before = model.policy.log_std.detach().clone()
     model.learn(256)
-    assert "train/std" in model.logger.name_to_value
+    assert model.logger.name_to_value["train/n_updates"] == 2 and "train/std" in model.logger.name_to_value
+    assert env.obs_rms.count > 256  # the statistics followed the training observations
+    assert not th.equal(model.policy.log_std, log_std_before)  # gSDE's exploration matrix is trained by the step
+    assert all(th.isfinite(param).all() for param in model.policy.parameters())
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

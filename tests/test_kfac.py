@@ -288,23 +288,25 @@ def test_free_parameters_get_a_diagonal_preconditioner() -> None:
             self.mean = nn.Linear(2, 1)
             self.log_std = nn.Parameter(th.zeros(1))
 
+    th.manual_seed(0)
     model = WithLogStd()
     optimizer = KFAC(model)
     assert [id(param) for param in optimizer.diagonal_params] == [id(model.log_std)]
     inputs = th.randn(4000, 2)
-    with optimizer.capture():
-        distribution = th.distributions.Normal(model.mean(inputs), model.log_std.exp())
-    actions = distribution.sample()
-    fisher_loss = -distribution.log_prob(actions).mean()
-    optimizer.backward((distribution.mean**2).mean(), fisher_loss, batch_size=len(inputs))
-    # Fisher of a Gaussian's log σ is 2: batch_size·(mean score)² estimates it without bias, within noise
-    assert 0.0 < optimizer.state[model.log_std]["diag"].item() < 20.0
+    # Fisher of a Gaussian's log σ is 2: each pass's batch_size·(mean score)² estimates it without bias, as 2·χ²₁; the
+    # debiased running average of 64 passes (stat_decay 0.99 averages them evenly) has a standard deviation of 0.35
+    for _ in range(64):
+        with optimizer.capture():
+            distribution = th.distributions.Normal(model.mean(inputs), model.log_std.exp())
+        fisher_loss = -distribution.log_prob(distribution.sample()).mean()
+        optimizer.backward((distribution.mean**2).mean(), fisher_loss, batch_size=len(inputs))
+    assert 2.0 - 1.2 < optimizer.state[model.log_std]["diag"].item() < 2.0 + 1.2
     before = model.log_std.detach().clone()
     optimizer.zero_grad()
     (model.log_std**2 + 1.0).sum().backward()
     model.log_std.grad.fill_(1.0)  # type: ignore[union-attr]
     optimizer.step()
-    assert not th.equal(before, model.log_std)
+    assert bool((model.log_std < before).all())  # a descent step against the positive gradient
 
 
 def test_ordinary_backward_does_not_touch_the_statistics() -> None:
@@ -452,9 +454,11 @@ def test_in_place_change_of_a_captured_output_is_refused() -> None:
         optimizer.backward(output.pow(2).mean(), output.mean(), batch_size=8)
     # The same network with an out-of-place activation is accepted
     network[1] = nn.ReLU()
+    network.zero_grad()
     with optimizer.capture():
         output = network(inputs)
     optimizer.backward(output.pow(2).mean(), output.mean(), batch_size=8)
+    assert all(param.grad is not None and bool(param.grad.abs().sum() > 0) for param in network.parameters())
 
 
 class _ActorCritic(nn.Module):
