@@ -223,13 +223,13 @@ class Setting:
 @dataclass
 class SpeedSample:
     """
-    The timings of one model over ``len(train_times)`` updates of one ``learn()`` call.
+    The timings of one model over ``len(train_times)`` updates, made by one or more timed ``learn()`` calls.
 
     :param side: ``"ours"`` or ``"peer"``
     :param seed: the seed of the model and its environment
-    :param steps: environment steps of the timed ``learn()`` call
-    :param learn_time: seconds of the timed ``learn()`` call
-    :param train_times: seconds of each ``train()`` call within it
+    :param steps: environment steps of the timed ``learn()`` calls
+    :param learn_time: seconds of the timed ``learn()`` calls
+    :param train_times: seconds of each ``train()`` call within them
     """
 
     side: str
@@ -527,7 +527,8 @@ def time_updates(model: BaseAlgorithm, updates: int, side: str, seed: int) -> Sp
 
 def measure_speed(pair: Pair, setting: Setting, seeds: Sequence[int], updates: int, device: str) -> list[SpeedSample]:
     """
-    Time both sides on every seed, alternating them: ours, peer, ours, peer, ...
+    Time both sides on every seed, alternating them update by update (ours, peer, ours, peer, ...), so that a
+    transient slowdown of the machine falls on both alike rather than on one side's block of updates.
 
     :param pair: the comparison
     :param setting: the shared setting
@@ -542,8 +543,19 @@ def measure_speed(pair: Pair, setting: Setting, seeds: Sequence[int], updates: i
         models = {side: build_model(paths[side], setting, setting.side_kwargs(side), seed, device) for side in SIDES}
         for side in SIDES:
             warm_up(models[side])
+        timed: dict[str, list[SpeedSample]] = {side: [] for side in SIDES}
+        for _ in range(updates):
+            for side in SIDES:
+                timed[side].append(time_updates(models[side], 1, side, seed))
         for side in SIDES:
-            sample = time_updates(models[side], updates, side, seed)
+            parts = timed[side]
+            sample = SpeedSample(
+                side,
+                seed,
+                sum(part.steps for part in parts),
+                sum(part.learn_time for part in parts),
+                [train_time for part in parts for train_time in part.train_times],
+            )
             samples.append(sample)
             _progress(
                 f"speed {setting.env_id} seed {seed} {side}: train {sample.train_ms:.1f} ms/update, "
@@ -897,7 +909,7 @@ def speed_report(pair: Pair, samples: list[SpeedSample], updates: int, threads: 
     return "\n\n".join(
         [
             f"## Speed: {updates} timed updates per model after 1 warm-up update, torch threads {threads}, "
-            f"seeds {seeds}, ours and peer alternating",
+            f"seeds {seeds}, ours and peer alternating update by update",
             markdown_table(
                 ["quantity (mean ± std over seeds)", f"ours: {pair.ours}", f"peer: {pair.peer}", "ratio ours / peer"], rows
             ),

@@ -2,6 +2,8 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -132,3 +134,23 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
         _run(tmp_path, "--mode", "returns", "--resume", "--eval-episodes", "3")
     with pytest.raises(ValueError, match="threads differ"):
         _run(tmp_path, "--mode", "returns", "--resume", "--threads", "2")
+
+
+def test_speed_alternates_the_sides_update_by_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A transient slowdown of the machine must fall on both sides alike: ours, peer, ours, peer, ... per update
+    calls: list[tuple[str, int]] = []
+
+    def one_update(model: Any, updates: int, side: str, seed: int) -> benchmark.SpeedSample:
+        calls.append((side, updates))
+        return benchmark.SpeedSample(side, seed, 10, 0.5 if side == "ours" else 1.0, [0.1 * len(calls)])
+
+    monkeypatch.setattr(benchmark, "build_model", lambda *args, **kwargs: SimpleNamespace(get_env=lambda: None))
+    monkeypatch.setattr(benchmark, "warm_up", lambda model: None)
+    monkeypatch.setattr(benchmark, "time_updates", one_update)
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", {}, {}, None)
+    samples = benchmark.measure_speed(benchmark.PAIRS["trpo"], setting, [7], updates=3, device="cpu")
+    assert calls == [("ours", 1), ("peer", 1)] * 3
+    ours, peer = samples
+    assert (ours.side, ours.seed, ours.steps, ours.learn_time) == ("ours", 7, 30, 1.5)
+    assert ours.train_times == pytest.approx([0.1, 0.3, 0.5]) and peer.train_times == pytest.approx([0.2, 0.4, 0.6])
+    assert peer.throughput == pytest.approx(10.0)
