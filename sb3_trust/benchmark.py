@@ -86,6 +86,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_nor
 import sb3_trust
 from sb3_trust.train import (
     CONFIG_DIR,
+    EVAL_SEED_OFFSET,
     RUN_KEYS,
     import_object,
     load_hyperparameters,
@@ -173,7 +174,6 @@ MODES = ("speed", "returns", "all")
 # Keys set by the benchmark itself, not by --hyperparams
 RESERVED_KEYS = ("seed", "device", "verbose", "env")
 DEFAULT_TIMESTEPS = 100_000
-EVAL_SEED_OFFSET = 10_000
 CURVE_POINTS = 200
 SMOOTHING_EPISODES = 10
 

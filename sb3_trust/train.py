@@ -19,7 +19,7 @@ import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
+from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize, sync_envs_normalization
 
 import sb3_trust
 from sb3_trust.common.on_policy import TrustOnPolicyAlgorithm
@@ -51,6 +51,8 @@ BASIC_RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize")
 TRAIN_RUN_KEYS = (*BASIC_RUN_KEYS, "env_kwargs", "monitor_kwargs", "env_wrapper", "frame_stack")
 # The entry that rl-zoo3 uses for an environment without one of its own
 DEFAULT_ENTRY = "default"
+# The evaluation environment's seed is the run's plus this (as in sb3_trust.benchmark)
+EVAL_SEED_OFFSET = 10_000
 # The entry that rl-zoo3 uses for every Atari game without one of its own (before the default entry)
 ATARI_ENTRY = "atari"
 
@@ -233,6 +235,39 @@ def load_hyperparameters(algo: str, env_id: str, config_dir: Path = CONFIG_DIR) 
     return hyperparameters
 
 
+def build_env(
+    env_id: str, run: dict[str, Any], seed: int, gamma: float, n_envs: int | None = None, evaluation: bool = False
+) -> VecEnv:
+    """
+    The vectorized environment that a zoo entry's run keys describe.
+
+    :param env_id: Gymnasium environment id
+    :param run: the entry's run keys (``split_run_keys``)
+    :param seed: seed of the environments
+    :param gamma: the algorithm's discount (for ``VecNormalize``'s return statistics)
+    :param n_envs: number of environments (default: the entry's ``n_envs``, else 1)
+    :param evaluation: a ``VecNormalize`` that neither updates its statistics nor normalizes rewards
+    :return: the environment, with its wrappers, normalization and frame stack
+    """
+    env: VecEnv = make_vec_env(
+        env_id,
+        n_envs=n_envs or int(run.get("n_envs", 1)),
+        seed=seed,
+        env_kwargs=keyword_arguments(run.get("env_kwargs", {}), "env_kwargs"),
+        monitor_kwargs=keyword_arguments(run.get("monitor_kwargs", {}), "monitor_kwargs"),
+        wrapper_class=wrapper_class(run.get("env_wrapper")),
+    )
+    normalize = normalize_kwargs(run.get("normalize", False))
+    if normalize is not None:
+        env = VecNormalize(
+            env, **{"gamma": gamma, **normalize, **({"training": False, "norm_reward": False} if evaluation else {})}
+        )
+    if run.get("frame_stack"):
+        # After the normalization, as rl-zoo3 stacks them
+        env = VecFrameStack(env, n_stack=int(run["frame_stack"]))
+    return env
+
+
 def main(argv: list[str] | None = None) -> float:
     """
     :param argv: command-line arguments (default: ``sys.argv``)
@@ -275,20 +310,8 @@ def main(argv: list[str] | None = None) -> float:
     hyperparameters = linear_schedules(hyperparameters)
     timesteps = args.timesteps if args.timesteps is not None else int(float(run.get("n_timesteps", 100_000)))
 
-    env = make_vec_env(
-        args.env,
-        n_envs=int(run.get("n_envs", 1)),
-        seed=args.seed,
-        env_kwargs=keyword_arguments(run.get("env_kwargs", {}), "env_kwargs"),
-        monitor_kwargs=keyword_arguments(run.get("monitor_kwargs", {}), "monitor_kwargs"),
-        wrapper_class=wrapper_class(run.get("env_wrapper")),
-    )
-    normalize = normalize_kwargs(run.get("normalize", False))
-    if normalize is not None:
-        env = VecNormalize(env, **{"gamma": float(hyperparameters.get("gamma", 0.99)), **normalize})
-    if run.get("frame_stack"):
-        # After the normalization, as rl-zoo3 stacks them
-        env = VecFrameStack(env, n_stack=int(run["frame_stack"]))
+    gamma = float(hyperparameters.get("gamma", 0.99))
+    env = build_env(args.env, run, args.seed, gamma)
     policy = resolve_policy(run.get("policy", "MlpPolicy"))
     model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
@@ -300,9 +323,13 @@ def main(argv: list[str] | None = None) -> float:
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is not None:
         vec_normalize.save(str(checkpoint.with_suffix(".vecnormalize.pkl")))
-        vec_normalize.training, vec_normalize.norm_reward = False, False
 
-    mean_return, std_return = evaluate_policy(model, env, n_eval_episodes=args.eval_episodes, deterministic=True)
+    # On one fresh environment, as rl-zoo3 evaluates, with the training run's normalization statistics
+    eval_env = build_env(args.env, run, args.seed + EVAL_SEED_OFFSET, gamma, n_envs=1, evaluation=True)
+    sync_envs_normalization(env, eval_env)
+    mean_return, std_return = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True)
+    env.close()
+    eval_env.close()
     print(f"Mean return over {args.eval_episodes} episodes: {mean_return:.1f} +/- {std_return:.1f}")
     print(f"Checkpoint: {checkpoint.resolve()}")
     return float(mean_return)  # type: ignore[arg-type]

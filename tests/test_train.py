@@ -4,9 +4,11 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import pytest
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trust import NPG, train
 from sb3_trust.train import TRAIN_RUN_KEYS, keyword_arguments, main, normalize_kwargs, split_run_keys
@@ -163,3 +165,20 @@ def test_train_applies_env_wrapper_and_frame_stack(tmp_path: Path, monkeypatch: 
     # CartPole's 4 numbers and the time, 3 frames of them
     assert model.observation_space.shape == (15,)
     assert isinstance(calls[0]["wrapper_class"](gym.make("CartPole-v1")), gym.wrappers.TimeAwareObservation)
+
+
+def test_train_evaluates_on_a_fresh_environment_with_the_training_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluated: list[Any] = []
+
+    def recording_evaluate(model: Any, env: Any, **kwargs: Any) -> tuple[float, float]:
+        evaluated.append((model.get_vec_normalize_env(), env))
+        return 0.0, 0.0
+
+    monkeypatch.setattr(train, "evaluate_policy", recording_evaluate)
+    main(["--algo", "trpo", "--env", "HalfCheetah-v5", "--timesteps", "256", "--output", str(tmp_path)])
+    ((training, evaluation),) = evaluated
+    assert isinstance(evaluation, VecNormalize) and evaluation.num_envs == 1 and training.num_envs == 2
+    assert not evaluation.training and not evaluation.norm_reward
+    assert np.array_equal(evaluation.obs_rms.mean, training.obs_rms.mean) and evaluation.obs_rms is not training.obs_rms
