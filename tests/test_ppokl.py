@@ -7,7 +7,9 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
 
 from sb3_trust import PPOKL
 from sb3_trust.common.distributions import detach_distribution, mean_kl
@@ -264,3 +266,39 @@ def test_dict_observations_and_clipping_options() -> None:
 def test_bad_parameters_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PPOKL("MlpPolicy", "CartPole-v1", **kwargs)
+
+
+class DropoutExtractor(BaseFeaturesExtractor):
+    """Features with dropout: a policy whose training-mode outputs are random."""
+
+    def __init__(self, observation_space: spaces.Box, features_dim: int = 16) -> None:
+        super().__init__(observation_space, features_dim)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(observation_space.shape)), features_dim), nn.Dropout(0.5))
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return self.net(observations)
+
+
+def test_rollout_kl_is_measured_in_evaluation_mode() -> None:
+    # β's rule reads the KL between the policies that act (evaluation mode, as the rollout ran), not two dropout draws
+    policy_kwargs = dict(features_extractor_class=DropoutExtractor, net_arch=[16])
+    settings = {**SMALL, "policy_kwargs": policy_kwargs}
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **settings)
+    recorded: list[tuple[float, float]] = []
+    original_train = model.train
+
+    def train() -> None:
+        samples = next(model.rollout_buffer.get(batch_size=None))
+        model.policy.set_training_mode(False)
+        with th.no_grad():
+            old = detach_distribution(model.policy.get_distribution(samples.observations))
+        original_train()
+        model.policy.set_training_mode(False)
+        with th.no_grad():
+            kl = mean_kl(old, model.policy.get_distribution(samples.observations)).item()
+        recorded.append((kl, model.logger.name_to_value["train/kl_divergence"]))
+
+    model.train = train  # type: ignore[method-assign]
+    model.learn(128)
+    ((kl, logged),) = recorded
+    assert kl > 0 and logged == pytest.approx(kl, rel=1e-5)
