@@ -514,7 +514,6 @@ def time_updates(model: BaseAlgorithm, updates: int, side: str, seed: int) -> Sp
 
     setattr(model, "train", timed_train)  # noqa: B010 (shadows the method on this instance only)
     try:
-        gc.collect()
         start = time.perf_counter()
         model.learn(steps, reset_num_timesteps=False)
         sample.learn_time = time.perf_counter() - start
@@ -544,6 +543,8 @@ def measure_speed(pair: Pair, setting: Setting, seeds: Sequence[int], updates: i
         for side in SIDES:
             warm_up(models[side])
         timed: dict[str, list[SpeedSample]] = {side: [] for side in SIDES}
+        # Once, here: a collection before every timed update would slow the rollout after it on both sides alike
+        gc.collect()
         for _ in range(updates):
             for side in SIDES:
                 timed[side].append(time_updates(models[side], 1, side, seed))

@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> float:
     # On one fresh environment, as rl-zoo3 evaluates, with the training run's normalization statistics
     eval_env = build_env(args.env, run, args.seed + EVAL_SEED_OFFSET, gamma, n_envs=1, evaluation=True)
     sync_envs_normalization(env, eval_env)
-    mean_return, std_return = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True)
+    # Deterministic actions, except on Atari games, where rl-zoo3 samples them (a deterministic policy can stall there)
+    deterministic = not is_atari_game(args.env)
+    mean_return, std_return = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=deterministic)
     env.close()
     eval_env.close()
     print(f"Mean return over {args.eval_episodes} episodes: {mean_return:.1f} +/- {std_return:.1f}")

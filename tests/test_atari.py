@@ -1,13 +1,14 @@
 """Atari games: the zoo's `atari` entries through ``python -m sb3_trust.train`` and rl-zoo3, K-FAC on NatureCNN."""
 
 from pathlib import Path
+from typing import Any
 
 import ale_py  # noqa: F401  (the tests extra installs it: a missing emulator must fail here, not skip)
 import pytest
 import torch as th
 from stable_baselines3.common.torch_layers import NatureCNN
 
-from sb3_trust import ACKTR, PPOKL
+from sb3_trust import ACKTR, PPOKL, train
 from sb3_trust.train import main
 
 GAME = "PongNoFrameskip-v4"
@@ -17,7 +18,15 @@ GAME = "PongNoFrameskip-v4"
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_train_uses_the_atari_entry(tmp_path: Path) -> None:
+def test_train_uses_the_atari_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluate_policy = train.evaluate_policy
+    modes: list[bool] = []
+
+    def recording_evaluate(*args: Any, **kwargs: Any) -> Any:
+        modes.append(kwargs["deterministic"])
+        return evaluate_policy(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_policy", recording_evaluate)
     main(["--algo", "acktr", "--env", GAME, "--timesteps", "320", "--eval-episodes", "1", "--output", str(tmp_path)])
     model = ACKTR.load(tmp_path / f"acktr_{GAME}_seed0.zip")
     # SB3's AtariWrapper (84 x 84 grey frames), 4 of them stacked, channels first; 16 environments, NatureCNN
@@ -25,6 +34,7 @@ def test_train_uses_the_atari_entry(tmp_path: Path) -> None:
     assert isinstance(model.policy.features_extractor, NatureCNN)
     assert model.lr_schedule(0.5) == pytest.approx(0.125)  # lin_0.25
     assert all(th.isfinite(param).all() for param in model.policy.parameters())
+    assert modes == [False]  # sampled actions on Atari, as rl-zoo3 evaluates
 
 
 def test_train_refuses_an_atari_game_without_an_atari_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

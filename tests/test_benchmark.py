@@ -147,9 +147,12 @@ def test_speed_alternates_the_sides_update_by_update(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(benchmark, "build_model", lambda *args, **kwargs: SimpleNamespace(get_env=lambda: None))
     monkeypatch.setattr(benchmark, "warm_up", lambda model: None)
     monkeypatch.setattr(benchmark, "time_updates", one_update)
+    collections: list[int] = []
+    monkeypatch.setattr(benchmark.gc, "collect", lambda: collections.append(len(calls)))
     setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", {}, {}, None)
     samples = benchmark.measure_speed(benchmark.PAIRS["trpo"], setting, [7], updates=3, device="cpu")
     assert calls == [("ours", 1), ("peer", 1)] * 3
+    assert collections == [0]  # one collection per seed, before the timed updates, not before each of them
     ours, peer = samples
     assert (ours.side, ours.seed, ours.steps, ours.learn_time) == ("ours", 7, 30, 1.5)
     assert ours.train_times == pytest.approx([0.1, 0.3, 0.5]) and peer.train_times == pytest.approx([0.2, 0.4, 0.6])

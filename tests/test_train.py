@@ -174,6 +174,7 @@ def test_train_evaluates_on_a_fresh_environment_with_the_training_statistics(
 
     def recording_evaluate(model: Any, env: Any, **kwargs: Any) -> tuple[float, float]:
         evaluated.append((model.get_vec_normalize_env(), env))
+        assert kwargs["deterministic"] is True
         return 0.0, 0.0
 
     monkeypatch.setattr(train, "evaluate_policy", recording_evaluate)
