@@ -79,15 +79,15 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
+from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
 import sb3_trust
 from sb3_trust.train import (
     CONFIG_DIR,
     EVAL_SEED_OFFSET,
     RUN_KEYS,
+    build_env,
     import_object,
     load_hyperparameters,
     normalize_kwargs,
@@ -452,13 +452,8 @@ def make_env(setting: Setting, seed: int, gamma: float, n_envs: int | None = Non
     :param evaluation: a ``VecNormalize`` that neither updates its statistics nor normalizes rewards
     :return: the vectorized environment
     """
-    env = make_vec_env(setting.env_id, n_envs=n_envs or setting.n_envs, seed=seed)
-    if setting.normalize is not None:
-        vec_normalize_kwargs: dict[str, Any] = {"gamma": gamma, **setting.normalize}
-        if evaluation:
-            vec_normalize_kwargs.update(training=False, norm_reward=False)
-        env = VecNormalize(env, **vec_normalize_kwargs)
-    return env
+    run = {"n_envs": n_envs or setting.n_envs, "normalize": setting.normalize}
+    return build_env(setting.env_id, run, seed, gamma, evaluation=evaluation)
 
 
 def build_model(class_path: str, setting: Setting, kwargs: dict[str, Any], seed: int, device: str) -> BaseAlgorithm:

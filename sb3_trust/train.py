@@ -259,9 +259,9 @@ def build_env(
     )
     normalize = normalize_kwargs(run.get("normalize", False))
     if normalize is not None:
-        env = VecNormalize(
-            env, **{"gamma": gamma, **normalize, **({"training": False, "norm_reward": False} if evaluation else {})}
-        )
+        if evaluation:
+            normalize.update(training=False, norm_reward=False)
+        env = VecNormalize(env, **{"gamma": gamma, **normalize})
     if run.get("frame_stack"):
         # After the normalization, as rl-zoo3 stacks them
         env = VecFrameStack(env, n_stack=int(run["frame_stack"]))
