@@ -3,6 +3,7 @@ from typing import Any
 import pytest
 import torch as th
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sb3_trust.common.optim import LeanAdam
 
@@ -30,7 +31,10 @@ def test_lean_adam_matches_fused_adam_exactly(kwargs: dict, monkeypatch: pytest.
         for model, optimizer in ((reference_model, reference), (lean_model, lean)):
             optimizer.zero_grad()
             ((model(x) - y) ** 2).mean().backward()
-            optimizer.step()
+            if optimizer is lean:
+                lean.lean_step()
+            else:
+                optimizer.step()
     for a, b in zip(reference_model.parameters(), lean_model.parameters(), strict=True):
         assert th.equal(a, b)
     # Only the first step, which creates the state, went through torch's Adam.step: the others took the short path
@@ -45,6 +49,25 @@ def test_lean_adam_leaves_other_configurations_to_torch() -> None:
     model = make_model()
     optimizer = LeanAdam(model.parameters(), lr=1e-2, amsgrad=True)
     ((model(th.randn(4, 5))) ** 2).mean().backward()
-    optimizer.step()
-    optimizer.step()
+    optimizer.lean_step()
+    optimizer.lean_step()
     assert "max_exp_avg_sq" in optimizer.state[next(model.parameters())]
+
+
+def test_lean_step_runs_step_hooks_once() -> None:
+    model = make_model()
+    optimizer = LeanAdam(model.parameters(), lr=1e-2)
+    ((model(th.randn(4, 5))) ** 2).mean().backward()
+    optimizer.lean_step()  # creates the state, through step()
+    calls: list[str] = []
+    pre = optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    post = register_optimizer_step_post_hook(lambda *_: calls.append("post"))
+    try:
+        optimizer.lean_step()
+    finally:
+        pre.remove()
+        post.remove()
+    assert calls == ["pre", "post"]
+    optimizer.lean_step()
+    assert calls == ["pre", "post"]
+    assert optimizer.state[next(model.parameters())]["step"].item() == 3

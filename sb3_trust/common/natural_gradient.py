@@ -384,6 +384,8 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         else:
             inputs = samples.observations
 
+        optimizer = policy.optimizer
+        optimizer_step = optimizer.lean_step if isinstance(optimizer, LeanAdam) else optimizer.step
         n_samples = len(returns)
         initial_parameters = flat_parameters(self.critic_parameters)
         epoch_losses: list[th.Tensor] = []
@@ -399,12 +401,12 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
                 if not bool(th.isfinite(loss)):
                     n_skipped += 1
                     continue
-                policy.optimizer.step()
+                optimizer_step()
                 epoch_losses.append(loss)
         if not bool(th.isfinite(flat_parameters(self.critic_parameters)).all()):
             # An overflow inside the optimizer: undo this update and restart its moment estimates
             set_flat_parameters(self.critic_parameters, initial_parameters)
-            policy.optimizer.state.clear()
+            optimizer.state.clear()
             warnings.warn("Critic update undone: it produced non-finite parameters", RuntimeWarning, stacklevel=2)
         if n_skipped > 0:
             warnings.warn(f"{n_skipped} critic minibatches skipped: non-finite value loss", RuntimeWarning, stacklevel=2)

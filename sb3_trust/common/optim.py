@@ -1,21 +1,21 @@
 """Adam for the critic's many small steps."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch as th
+from torch.optim import optimizer as torch_optimizer
 
 
 class LeanAdam(th.optim.Adam):
     """
-    torch's fused Adam, with a short path through ``step()``.
+    torch's fused Adam, with a short path to the same update: :meth:`lean_step`.
 
     The critic of a trust-region update takes hundreds of Adam steps per rollout on a small network. There,
-    ``torch.optim.Adam.step`` spends as long in its general bookkeeping (grouping tensors by device and dtype,
-    hooks, scalar conversions) as in the fused update kernel itself. Once every parameter has its state, this
-    calls that same kernel directly; the update, the state layout and the state dict are exactly torch's fused
-    Adam's (a state dict moves freely between the two). Closures, amsgrad, maximize, tensor learning rates and
-    the first step go through ``torch.optim.Adam.step``.
+    ``torch.optim.Adam.step`` spends as long in its general bookkeeping (its profiler range and step hooks, grouping
+    tensors by device and dtype, scalar conversions) as in the fused update kernel itself. Once every parameter has
+    its state, :meth:`lean_step` calls that same kernel directly; the update, the state layout and the state dict are
+    exactly torch's fused Adam's (a state dict moves freely between the two). ``step()`` is torch's, unchanged.
 
     :param params: parameters to optimise
     :param kwargs: ``torch.optim.Adam``'s arguments (``fused`` defaults to True)
@@ -26,21 +26,31 @@ class LeanAdam(th.optim.Adam):
         super().__init__(params, **kwargs)
 
     @th.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def lean_step(self) -> None:
         """
-        Perform a single optimization step.
+        One optimization step, the update of ``step()``.
 
-        :param closure: a closure that re-evaluates the model and returns the loss (handled by torch's Adam)
-        :return: the closure's loss, if any
+        It goes through ``step()`` itself when that does more than the fused kernel: on the first step (which creates
+        the state), with amsgrad, maximize, decoupled weight decay or a tensor learning rate, when a step hook is
+        registered, or while the autograd profiler records.
         """
-        if closure is not None or not hasattr(th, "_fused_adam_"):
-            return super().step(closure)
+        if (
+            not hasattr(th, "_fused_adam_")
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or torch_optimizer._global_optimizer_pre_hooks
+            or torch_optimizer._global_optimizer_post_hooks
+            or th.autograd._profiler_enabled()
+        ):
+            self.step()
+            return
         updates = []
         for group in self.param_groups:
             params = [param for param in group["params"] if param.grad is not None]
             states = [self.state[param] for param in params]
             if not self._is_plain(group) or any(not state for state in states):
-                return super().step()
+                self.step()
+                return
             updates.append((group, params, states))
         for group, params, states in updates:
             if not params:
@@ -65,7 +75,6 @@ class LeanAdam(th.optim.Adam):
                 grad_scale=None,
                 found_inf=None,
             )
-        return None
 
     @staticmethod
     def _is_plain(group: dict[str, Any]) -> bool:
