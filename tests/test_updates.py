@@ -1,7 +1,7 @@
 """
 The update rules themselves: the backtracking line search, TRPO's undo of a failed search, the Fisher sub-sample,
-the critic's undo of a non-finite update, the rollout's Gaussian draw and time-limit bootstrap, NPG's step, and a
-trial step to a policy that torch refuses.
+the critic's undo of a non-finite update, the rollout's Gaussian draw and time-limit bootstrap, NPG's step, a
+trial step to a policy that torch refuses, and the direction of the KL that the trust region bounds.
 
 Each test pins down a behaviour that a plausible one-line slip in the source would change.
 """
@@ -286,3 +286,31 @@ def test_step_to_a_policy_torch_refuses_is_not_taken(algo: type[NPG]) -> None:
     assert th.equal(model._actor_parameters_vector(), before)
     if algo is NPG:
         assert any("not finite" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.parametrize("algo", [NPG, TRPO])
+def test_logged_kl_is_the_closed_form_kl_from_old_to_new(algo: type[NPG]) -> None:
+    # The trust region is KL(π_old ‖ π_new); the reverse direction differs at third order in the step, so a large
+    # δ and a moving σ tell the two apart. Checked with the Gaussian's closed form, not with our mean_kl.
+    model = algo(
+        "MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=256, batch_size=256, target_kl=1.0, **TINY
+    )
+    collect(model)
+    observations = th.as_tensor(model.rollout_buffer.observations.reshape(-1, 3))
+    with th.no_grad():
+        old = model.policy.get_distribution(observations).distribution
+        mean_old, std_old = old.loc.clone(), old.scale.clone()
+    model.train()
+    with th.no_grad():
+        new = model.policy.get_distribution(observations).distribution
+        mean_new, std_new = new.loc, new.scale
+
+    def gaussian_kl(mean_p: th.Tensor, std_p: th.Tensor, mean_q: th.Tensor, std_q: th.Tensor) -> float:
+        per_dimension = th.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5
+        return per_dimension.sum(dim=1).mean().item()
+
+    forward = gaussian_kl(mean_old, std_old, mean_new, std_new)
+    reverse = gaussian_kl(mean_new, std_new, mean_old, std_old)
+    assert forward > 0.1
+    assert abs(forward - reverse) > 0.02 * forward, "the step does not tell the two directions apart"
+    assert model.logger.name_to_value["train/kl_divergence"] == pytest.approx(forward, rel=1e-4)
