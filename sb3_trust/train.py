@@ -114,12 +114,31 @@ def register_atari_games() -> None:
     gym.register_envs(ale_py)
 
 
+def registered_id(env_id: str) -> str:
+    """
+    The registry id of an environment id, read as ``gym.make`` reads it: ``"module:EnvId"`` imports the module
+    (which registers its environments) and names ``EnvId``.
+
+    :param env_id: a Gymnasium environment id, with or without a module prefix
+    :return: the id without the module prefix (the key of the zoo files' entries)
+    """
+    if ":" not in env_id:
+        return env_id
+    module, name = env_id.split(":", 1)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass  # gym.make reports it when the environment is built
+    return name
+
+
 def is_atari_game(env_id: str) -> bool:
     """
-    :param env_id: a Gymnasium environment id
+    :param env_id: a Gymnasium environment id, with or without a module prefix
     :return: whether it is one of ALE's games (rl-zoo3's test: the entry point is ALE's ``AtariEnv``)
     """
-    return env_id in gym.registry and "AtariEnv" in str(gym.registry[env_id].entry_point)
+    name = registered_id(env_id)
+    return name in gym.registry and "AtariEnv" in str(gym.registry[name].entry_point)
 
 
 def wrapper_class(value: Any) -> Callable[[gym.Env], gym.Env] | None:
@@ -292,7 +311,9 @@ def main(argv: list[str] | None = None) -> float:
         parser.error(f"--eval-episodes must be at least 1, got {args.eval_episodes}")
     register_atari_games()
     config = CONFIG_DIR / f"{algo}.yml"
-    hyperparameters = load_hyperparameters(algo, args.env, CONFIG_DIR)
+    # The zoo files name environments by their registry id ("ale_py:ALE/Pong-v5" reads the entry of "ALE/Pong-v5")
+    env_name = registered_id(args.env)
+    hyperparameters = load_hyperparameters(algo, env_name, CONFIG_DIR)
     if not hyperparameters and is_atari_game(args.env):
         # As in rl-zoo3, an Atari game without an entry of its own gets the `atari` entry, never the default one
         hyperparameters = load_hyperparameters(algo, ATARI_ENTRY, CONFIG_DIR)
@@ -318,7 +339,7 @@ def main(argv: list[str] | None = None) -> float:
     model.learn(timesteps, progress_bar=args.progress_bar)
 
     os.makedirs(args.output, exist_ok=True)
-    checkpoint = Path(args.output) / f"{algo}_{args.env}_seed{args.seed}.zip"
+    checkpoint = Path(args.output) / f"{algo}_{env_name}_seed{args.seed}.zip"
     model.save(checkpoint)
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is not None:

@@ -37,6 +37,12 @@ def test_train_uses_the_atari_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert modes == [False]  # sampled actions on Atari, as rl-zoo3 evaluates
 
 
+def test_module_prefixed_ids_of_games_are_recognised() -> None:
+    assert train.is_atari_game("ale_py:ALE/Pong-v5") and train.is_atari_game(GAME)
+    assert train.registered_id("ale_py:ALE/Pong-v5") == "ALE/Pong-v5"
+    assert not train.is_atari_game("gymnasium.envs.classic_control:CartPole-v1")
+
+
 def test_train_refuses_an_atari_game_without_an_atari_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--algo", "trpo", "--env", GAME, "--timesteps", "320", "--output", str(tmp_path)])

@@ -1,5 +1,6 @@
 """``python -m sb3_trust.train`` (what ``make train`` runs) and its reading of the zoo entries."""
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 
-from sb3_trust import NPG, train
+from sb3_trust import NPG, TRPO, train
 from sb3_trust.train import TRAIN_RUN_KEYS, keyword_arguments, main, normalize_kwargs, split_run_keys
 
 
@@ -27,6 +28,16 @@ def test_train_evaluates_and_saves_with_the_normalization(tmp_path: Path, capsys
 def test_train_says_when_the_env_has_no_entry(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="No entry for Acrobot-v1 .*: npg runs with its 'default' entry"):
         main(["--algo", "npg", "--env", "Acrobot-v1", "--timesteps", "64", "--eval-episodes", "1", "--output", str(tmp_path)])
+
+
+def test_train_reads_the_entry_of_a_module_prefixed_id(tmp_path: Path) -> None:
+    # gym.make reads "module:EnvId" as: import the module, make EnvId; the zoo entry is EnvId's (2 envs here)
+    env_id = "gymnasium.envs.classic_control:CartPole-v1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "No entry" warning
+        main(["--algo", "trpo", "--env", env_id, "--timesteps", "64", "--eval-episodes", "1", "--output", str(tmp_path)])
+    model = TRPO.load(tmp_path / "trpo_CartPole-v1_seed0.zip")
+    assert model.n_envs == 2 and model.n_steps == 512
 
 
 def _train_with_config(config_dir: Path, monkeypatch: pytest.MonkeyPatch, env_id: str, *extra: str) -> NPG:
