@@ -254,6 +254,23 @@ def load_hyperparameters(algo: str, env_id: str, config_dir: Path = CONFIG_DIR) 
     return hyperparameters
 
 
+def unused_checkpoint_path(folder: Path, stem: str) -> Path:
+    """
+    Where to save a run: ``<stem>.zip``, or ``<stem>_2.zip``, ``<stem>_3.zip``, ... when an earlier run's checkpoint
+    or normalization statistics already have that name (a run never overwrites them; rl-zoo3 numbers its runs too).
+
+    :param folder: the output folder
+    :param stem: the run's name
+    :return: the checkpoint path (its statistics go beside it, with ``.vecnormalize.pkl`` for ``.zip``)
+    """
+    run = 1
+    while True:
+        checkpoint = folder / f"{stem if run == 1 else f'{stem}_{run}'}.zip"
+        if not checkpoint.exists() and not checkpoint.with_suffix(".vecnormalize.pkl").exists():
+            return checkpoint
+        run += 1
+
+
 def build_env(
     env_id: str, run: dict[str, Any], seed: int, gamma: float, n_envs: int | None = None, evaluation: bool = False
 ) -> VecEnv:
@@ -338,8 +355,8 @@ def main(argv: list[str] | None = None) -> float:
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
     model.learn(timesteps, progress_bar=args.progress_bar)
 
-    os.makedirs(args.output, exist_ok=True)
-    checkpoint = Path(args.output) / f"{algo}_{env_name}_seed{args.seed}.zip"
+    checkpoint = unused_checkpoint_path(Path(args.output), f"{algo}_{env_name}_seed{args.seed}")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model.save(checkpoint)
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is not None:

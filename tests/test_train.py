@@ -25,6 +25,24 @@ def test_train_evaluates_and_saves_with_the_normalization(tmp_path: Path, capsys
     assert f"Mean return over 1 episodes: {mean_return:.1f}" in output and str(checkpoint.resolve()) in output
 
 
+def test_train_never_overwrites_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["--algo", "trpo", "--env", "HalfCheetah-v5", "--timesteps", "64", "--eval-episodes", "1"]
+    main([*arguments, "--output", str(tmp_path)])
+    first = tmp_path / "trpo_HalfCheetah-v5_seed0.zip"
+    saved = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert set(saved) == {first.name, "trpo_HalfCheetah-v5_seed0.vecnormalize.pkl"}
+    # An earlier run's statistics alone also keep their name
+    (tmp_path / "trpo_HalfCheetah-v5_seed0_2.vecnormalize.pkl").write_bytes(b"user data")
+    capsys.readouterr()
+    main([*arguments, "--seed", "0", "--output", str(tmp_path)])
+    second = tmp_path / "trpo_HalfCheetah-v5_seed0_3.zip"
+    assert second.exists() and second.with_suffix(".vecnormalize.pkl").exists()
+    assert f"Checkpoint: {second.resolve()}" in capsys.readouterr().out
+    for name, content in saved.items():
+        assert (tmp_path / name).read_bytes() == content
+    assert (tmp_path / "trpo_HalfCheetah-v5_seed0_2.vecnormalize.pkl").read_bytes() == b"user data"
+
+
 def test_train_says_when_the_env_has_no_entry(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="No entry for Acrobot-v1 .*: npg runs with its 'default' entry"):
         main(["--algo", "npg", "--env", "Acrobot-v1", "--timesteps", "64", "--eval-episodes", "1", "--output", str(tmp_path)])
@@ -49,8 +67,10 @@ def _train_with_config(config_dir: Path, monkeypatch: pytest.MonkeyPatch, env_id
     :return: the saved model
     """
     monkeypatch.setattr(train, "CONFIG_DIR", config_dir)
-    main(["--algo", "npg", "--env", env_id, "--timesteps", "32", "--eval-episodes", "1", "--output", str(config_dir), *extra])
-    return NPG.load(config_dir / f"npg_{env_id}_seed0.zip")
+    # A new output folder for each run (a second run in one folder would be saved under another name)
+    output = config_dir / f"run{len(list(config_dir.glob('run*')))}"
+    main(["--algo", "npg", "--env", env_id, "--timesteps", "32", "--eval-episodes", "1", "--output", str(output), *extra])
+    return NPG.load(output / f"npg_{env_id}_seed0.zip")
 
 
 def test_train_reads_rl_zoo_linear_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
