@@ -29,7 +29,8 @@ Modes:
     ``--speed-updates`` further iterations of one ``learn()`` call each: the time of every ``train()`` call
     (the model's ``train`` method is wrapped with a timer) and the whole ``learn()`` time, from which the
     throughput (env steps/s) and the rollout time (learn time minus train time) follow. Torch uses
-    ``--threads`` threads (default 1). Ratios are ours / peer of the means over seeds.
+    ``--threads`` threads (default 1). Ratios are ours / peer of the means over seeds. The timings go to
+    ``<output>/<algo>_<env>_speed.json``; a folder that already holds them is refused (they are never overwritten).
 ``returns``
     Full learning runs (``--timesteps``, default: the config's ``n_timesteps``) of both algorithms for every
     seed, in spawned worker processes, at most ``--jobs`` at a time, each with ``--threads`` torch threads.
@@ -1207,9 +1208,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(saved)} of these runs are already saved (e.g. {saved[0]}): add --resume to use them, or choose "
             "another --output"
         )
+    speed_mode = args.mode in ("speed", "all")
+    saved_speed = [path for path in (output / f"{args.algo}_{env_id}_speed.json" for env_id in args.env) if path.exists()]
+    if speed_mode and saved_speed:
+        raise FileExistsError(
+            f"Speed measurements are already saved at {saved_speed[0]}: choose another --output (a speed measurement "
+            "is made anew, never resumed, and never written over an earlier one)"
+        )
     finished = [load_finished_run(task) for task in tasks] if returns_mode and args.resume else [None] * len(tasks)
 
-    if args.mode in ("speed", "all"):
+    if speed_mode:
         th.set_num_threads(args.threads)
         for env_id, setting in settings.items():
             samples = measure_speed(pair, setting, args.seeds, args.speed_updates, args.device)

@@ -126,6 +126,12 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
             _run(tmp_path, "--mode", mode, "--speed-updates", "1")
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
     assert speed.stat().st_mtime_ns == speed_written
+    # nor is a saved speed measurement, which cannot be resumed
+    with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
+        _run(tmp_path, "--mode", "speed", "--speed-updates", "1")
+    with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
+        _run(tmp_path, "--mode", "all", "--resume", "--speed-updates", "1")
+    assert speed.stat().st_mtime_ns == speed_written
 
     # a saved run made with other settings is not silently mixed in
     with pytest.raises(ValueError, match="other settings"):
