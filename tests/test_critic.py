@@ -40,6 +40,16 @@ def test_hand_written_gradients_equal_autograd(make_layers) -> None:  # type: ig
         assert th.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+class NoisyLinear(nn.Linear):
+    def forward(self, input: th.Tensor) -> th.Tensor:
+        return super().forward(input) + 1.0
+
+
+def hooked(module: nn.Module) -> nn.Module:
+    module.register_forward_hook(lambda _module, _inputs, output: output * 2.0)
+    return module
+
+
 @pytest.mark.parametrize(
     "layers",
     [
@@ -47,6 +57,22 @@ def test_hand_written_gradients_equal_autograd(make_layers) -> None:  # type: ig
         [nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh()), nn.Linear(8, 1)],
         [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Linear(8, 2)],
         [nn.Sequential(nn.Tanh()), nn.Linear(5, 1)],
+        [nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 8)), nn.Tanh()), nn.Linear(8, 1)],
+        [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 1))],
+        [nn.Sequential(NoisyLinear(5, 8), nn.Tanh()), nn.Linear(8, 1)],
+        [nn.Sequential(hooked(nn.Linear(5, 8)), nn.Tanh()), nn.Linear(8, 1)],
+        [nn.Sequential(nn.Linear(5, 8), hooked(nn.Tanh())), nn.Linear(8, 1)],
+    ],
+    ids=[
+        "sigmoid",
+        "no-bias",
+        "vector-output",
+        "activation-first",
+        "weight-norm",
+        "spectral-norm",
+        "subclass",
+        "hook",
+        "hook-on-activation",
     ],
 )
 def test_unsupported_heads_fall_back(layers: list[nn.Module]) -> None:

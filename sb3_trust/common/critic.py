@@ -1,18 +1,31 @@
 """Critic regression: the value head fitted to the GAE returns by minibatch mean-squared error."""
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch as th
 from torch import nn
+from torch.nn.utils import parametrize
 
-# The activations the fast path knows: the function, and the product of a gradient with its derivative written in
-# terms of the activation's output (tanh' = 1 - tanh², relu' = [relu > 0]), each one kernel. They are called as
-# plain functions: on a minibatch of 128 a module call costs as much as its arithmetic. The identity is skipped.
-_Activation = tuple[Callable[[th.Tensor], th.Tensor], Callable[[th.Tensor, th.Tensor], th.Tensor]]
+
+class _Activation(NamedTuple):
+    """
+    An activation the fast path knows, as plain functions (one kernel each): on a minibatch of 128, a module call
+    costs as much as its arithmetic.
+
+    :param forward: the activation
+    :param backward: (gradient, output) ↦ the gradient times the activation's derivative, written in terms of its
+        output (tanh' = 1 - tanh², relu' = [relu > 0]), the kernels autograd uses
+    """
+
+    forward: Callable[[th.Tensor], th.Tensor]
+    backward: Callable[[th.Tensor, th.Tensor], th.Tensor]
+
+
+# The identity is skipped
 _ACTIVATIONS: dict[type[nn.Module], _Activation | None] = {
-    nn.Tanh: (th.tanh, th.ops.aten.tanh_backward),
-    nn.ReLU: (th.relu, lambda gradient, output: th.ops.aten.threshold_backward(gradient, output, 0)),
+    nn.Tanh: _Activation(th.tanh, th.ops.aten.tanh_backward),
+    nn.ReLU: _Activation(th.relu, lambda gradient, output: th.ops.aten.threshold_backward(gradient, output, 0)),
     nn.Identity: None,
 }
 
@@ -54,7 +67,11 @@ class MLPValueRegression:
             return None
         previous_linear = False
         for layer in expanded:
-            is_linear = isinstance(layer, nn.Linear)
+            # Exactly these modules, as they are: a subclass, a parametrization (weight norm, spectral norm) or a hook
+            # changes what the module computes, which only calling it gives
+            if parametrize.is_parametrized(layer) or layer._forward_hooks or layer._forward_pre_hooks:
+                return None
+            is_linear = type(layer) is nn.Linear
             if is_linear and layer.bias is None:
                 return None
             if not is_linear and (type(layer) not in _ACTIVATIONS or not previous_linear):
@@ -79,7 +96,7 @@ class MLPValueRegression:
                 linear_inputs.append(hidden)
                 hidden = th.addmm(linear.bias, hidden, linear.weight.t())
                 if activation is not None:
-                    hidden = activation[0](hidden)
+                    hidden = activation.forward(hidden)
             error = hidden.flatten() - targets
             loss = error.pow(2).mean()
             # Back-propagate d loss / d value = 2 (v - y) / N; grad_output is d loss / d (output of linears[index])
@@ -93,7 +110,7 @@ class MLPValueRegression:
                     activation = self.activations[index - 1]
                     if activation is not None:
                         # linear_input is that activation's output
-                        grad_output = activation[1](grad_output, linear_input)
+                        grad_output = activation.backward(grad_output, linear_input)
         return loss
 
 
