@@ -30,7 +30,8 @@ Modes:
     (the model's ``train`` method is wrapped with a timer) and the whole ``learn()`` time, from which the
     throughput (env steps/s) and the rollout time (learn time minus train time) follow. Torch uses
     ``--threads`` threads (default 1). Ratios are ours / peer of the means over seeds. The timings go to
-    ``<output>/<algo>_<env>_speed.json``; a folder that already holds them is refused (they are never overwritten).
+    ``<output>/<algo>_<env>_speed.json``, never overwritten: a folder that already holds them is refused, except with
+    ``--resume``, which reports them instead of measuring again (so ``--mode all --resume`` continues the returns).
 ``returns``
     Full learning runs (``--timesteps``, default: the config's ``n_timesteps``) of both algorithms for every
     seed, in spawned worker processes, at most ``--jobs`` at a time, each with ``--threads`` torch threads.
@@ -640,6 +641,47 @@ def _run_identity(task: RunTask) -> dict[str, Any]:
     return json.loads(json.dumps(identity, default=repr))
 
 
+def _speed_identity(
+    pair: Pair, setting: Setting, seeds: Sequence[int], updates: int, threads: int, device: str
+) -> dict[str, Any]:
+    """
+    :return: what a saved speed measurement must share with the command to stand for it (the arguments are those of
+        :func:`measure_speed`, plus the torch threads)
+    """
+    identity = {
+        "classes": [pair.ours, pair.peer],
+        "env": setting.env_id,
+        "seeds": list(seeds),
+        "updates": updates,
+        "n_envs": setting.n_envs,
+        "policy": setting.policy,
+        "normalize": setting.normalize,
+        "hyperparameters": {side: setting.side_kwargs(side) for side in SIDES},
+        "threads": threads,
+        "device": device,
+    }
+    return json.loads(json.dumps(identity, default=repr))
+
+
+def load_speed_samples(path: Path, identity: dict[str, Any]) -> list[SpeedSample] | None:
+    """
+    A saved speed measurement, for ``--resume``.
+
+    :param path: its JSON file
+    :param identity: what it must have been measured with (from :func:`_speed_identity`)
+    :return: the timings, or None when there is no such file
+    :raises ValueError: when it was measured with other settings, or saved without them (before they were recorded)
+    """
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict) or saved.get("identity") != identity:
+        raise ValueError(
+            f"{path} holds a speed measurement made with other settings (or saved without them): choose another --output"
+        )
+    return [SpeedSample(**sample) for sample in saved["samples"]]
+
+
 def load_finished_run(task: RunTask) -> dict[str, Any] | None:
     """
     The saved result of a run, for ``--resume``.
@@ -1209,19 +1251,34 @@ def main(argv: list[str] | None = None) -> int:
             "another --output"
         )
     speed_mode = args.mode in ("speed", "all")
-    saved_speed = [path for path in (output / f"{args.algo}_{env_id}_speed.json" for env_id in args.env) if path.exists()]
-    if speed_mode and saved_speed:
+    speed_paths = {env_id: output / f"{args.algo}_{env_id}_speed.json" for env_id in args.env}
+    speed_identities = {
+        env_id: _speed_identity(pair, setting, args.seeds, args.speed_updates, args.threads, args.device)
+        for env_id, setting in settings.items()
+    }
+    saved_speed = [str(path) for path in speed_paths.values() if path.exists()]
+    if speed_mode and saved_speed and not args.resume:
         raise FileExistsError(
-            f"Speed measurements are already saved at {saved_speed[0]}: choose another --output (a speed measurement "
-            "is made anew, never resumed, and never written over an earlier one)"
+            f"Speed measurements are already saved at {saved_speed[0]}: add --resume to report them (they are never "
+            "measured again nor overwritten), or choose another --output"
         )
+    saved_samples = (
+        {env_id: load_speed_samples(speed_paths[env_id], speed_identities[env_id]) for env_id in args.env}
+        if speed_mode and args.resume
+        else {}
+    )
     finished = [load_finished_run(task) for task in tasks] if returns_mode and args.resume else [None] * len(tasks)
 
     if speed_mode:
         th.set_num_threads(args.threads)
         for env_id, setting in settings.items():
-            samples = measure_speed(pair, setting, args.seeds, args.speed_updates, args.device)
-            _write_json(output / f"{args.algo}_{env_id}_speed.json", [asdict(sample) for sample in samples])
+            samples = saved_samples.get(env_id)
+            if samples is None:
+                samples = measure_speed(pair, setting, args.seeds, args.speed_updates, args.device)
+                saved = {"identity": speed_identities[env_id], "samples": [asdict(sample) for sample in samples]}
+                _write_json(speed_paths[env_id], saved)
+            else:
+                _progress(f"{args.algo}_{env_id}: speed measurement read from {speed_paths[env_id]}")
             sections[env_id].append(speed_report(pair, samples, args.speed_updates, args.threads))
 
     errors: list[str] = []

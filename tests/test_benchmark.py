@@ -94,6 +94,10 @@ def _per_seed_figures(report: str) -> dict[str, list[str]]:
     return figures
 
 
+def _speed_rows(report: str) -> list[str]:
+    return [line for line in report.splitlines() if line.startswith(("| train() time", "| learn() throughput"))]
+
+
 def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     assert _run(tmp_path, "--mode", "all", "--speed-updates", "1") == 0
     report = (tmp_path / "trpo_CartPole-v1_all.md").read_text()
@@ -126,12 +130,16 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
             _run(tmp_path, "--mode", mode, "--speed-updates", "1")
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
     assert speed.stat().st_mtime_ns == speed_written
-    # nor is a saved speed measurement, which cannot be resumed
+    # nor is a saved speed measurement: --resume reports it without measuring again, so --mode all can resume
     with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
         _run(tmp_path, "--mode", "speed", "--speed-updates", "1")
-    with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
-        _run(tmp_path, "--mode", "all", "--resume", "--speed-updates", "1")
+    assert _run(tmp_path, "--mode", "all", "--resume", "--speed-updates", "1") == 0
     assert speed.stat().st_mtime_ns == speed_written
+    assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
+    resumed_report = (tmp_path / "trpo_CartPole-v1_all.md").read_text()
+    assert _speed_rows(resumed_report) == _speed_rows(report) and _speed_rows(report)
+    with pytest.raises(ValueError, match="other settings"):
+        _run(tmp_path, "--mode", "speed", "--resume", "--speed-updates", "2")
 
     # a saved run made with other settings is not silently mixed in
     with pytest.raises(ValueError, match="other settings"):
