@@ -1275,8 +1275,8 @@ def main(argv: list[str] | None = None) -> int:
             samples = saved_samples.get(env_id)
             if samples is None:
                 samples = measure_speed(pair, setting, args.seeds, args.speed_updates, args.device)
-                saved = {"identity": speed_identities[env_id], "samples": [asdict(sample) for sample in samples]}
-                _write_json(speed_paths[env_id], saved)
+                measurement = {"identity": speed_identities[env_id], "samples": [asdict(sample) for sample in samples]}
+                _write_json(speed_paths[env_id], measurement)
             else:
                 _progress(f"{args.algo}_{env_id}: speed measurement read from {speed_paths[env_id]}")
             sections[env_id].append(speed_report(pair, samples, args.speed_updates, args.threads))
