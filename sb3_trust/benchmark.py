@@ -93,6 +93,7 @@ from sb3_trust.train import (
     import_object,
     load_hyperparameters,
     normalize_kwargs,
+    registered_id,
     resolve_policy,
     split_run_keys,
 )
@@ -412,7 +413,8 @@ def make_setting(
     :param threshold: return threshold of the sample-efficiency measure, or None
     :return: the setting
     """
-    hyperparameters = load_hyperparameters(Path(pair.config).stem, env_id, CONFIG_DIR)
+    # A module-prefixed id ("module:EnvId", as gym.make reads it) has the entry of EnvId
+    hyperparameters = load_hyperparameters(Path(pair.config).stem, registered_id(env_id), CONFIG_DIR)
     from_config = bool(hyperparameters)
     hyperparameters.update(overrides)
     if pair.shared_defaults:

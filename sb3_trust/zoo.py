@@ -198,7 +198,8 @@ def check_atari_entry(config: Path, env_id: str) -> None:
     import yaml
 
     register_atari_games()
-    if config.suffix not in (".yml", ".yaml") or not config.exists() or not is_atari_game(env_id):
+    # rl-zoo3 refuses a module-prefixed id ("ale_py:ALE/Pong-v5") itself, with its own message
+    if ":" in env_id or config.suffix not in (".yml", ".yaml") or not config.exists() or not is_atari_game(env_id):
         return
     with open(config) as file:
         entries = yaml.safe_load(file) or {}

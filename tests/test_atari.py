@@ -50,6 +50,16 @@ def test_train_refuses_an_atari_game_without_an_atari_entry(tmp_path: Path, caps
     assert not any(tmp_path.iterdir())
 
 
+def test_rl_zoo_checks_leave_module_prefixed_ids_to_rl_zoo(tmp_path: Path) -> None:
+    from sb3_trust.zoo import check_atari_entry
+
+    config = tmp_path / "trpo.yml"
+    config.write_text("CartPole-v1: {n_envs: 2}\n")
+    with pytest.raises(SystemExit, match="no 'atari' entry"):
+        check_atari_entry(config, GAME)
+    check_atari_entry(config, f"ale_py:{GAME}")  # rl-zoo3 refuses it with its own message
+
+
 def test_rl_zoo_trains_with_the_atari_entry(tmp_path: Path) -> None:
     pytest.importorskip("rl_zoo3")
     from sb3_trust import zoo

@@ -57,6 +57,12 @@ def test_a_dotted_policy_path_builds_that_policy() -> None:
     assert type(model.policy) is MarkerPolicy
 
 
+def test_a_module_prefixed_id_reads_the_entry_of_its_env() -> None:
+    prefixed = benchmark.make_setting(benchmark.PAIRS["trpo"], "gymnasium.envs.mujoco:HalfCheetah-v5", {}, {}, None)
+    plain = benchmark.make_setting(benchmark.PAIRS["trpo"], "HalfCheetah-v5", {}, {}, None)
+    assert prefixed.from_config and prefixed.kwargs == plain.kwargs and prefixed.n_envs == plain.n_envs == 2
+
+
 def test_peer_gets_the_trust_region_in_its_per_dimension_convention() -> None:
     # zoo_configs/trpo.yml ships the zoo's HalfCheetah values times its 6 action dimensions (0.24, 0.6)
     setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "HalfCheetah-v5", {}, {}, None)
