@@ -7,6 +7,7 @@ Usage: ``python -m sb3_trust.train --algo TRPO --env CartPole-v1`` (what ``make 
 import argparse
 import importlib
 import os
+import re
 import sys
 import sysconfig
 import warnings
@@ -256,19 +257,28 @@ def load_hyperparameters(algo: str, env_id: str, config_dir: Path = CONFIG_DIR) 
 
 def unused_checkpoint_path(folder: Path, stem: str) -> Path:
     """
-    Where to save a run: ``<stem>.zip``, or ``<stem>_2.zip``, ``<stem>_3.zip``, ... when an earlier run's checkpoint
-    or normalization statistics already have that name (a run never overwrites them; rl-zoo3 numbers its runs too).
+    Reserve the name of a run's checkpoint: ``<stem>.zip`` for the first run, then ``<stem>_2.zip``, ``<stem>_3.zip``,
+    ... one above the highest number that a checkpoint or normalization statistics already carry, so a run never
+    overwrites an earlier one and the highest number is the newest (rl-zoo3 numbers its runs too). The name is
+    taken by creating an empty file, which the checkpoint then replaces, so runs that end together get different
+    names.
 
     :param folder: the output folder
     :param stem: the run's name
     :return: the checkpoint path (its statistics go beside it, with ``.vecnormalize.pkl`` for ``.zip``)
     """
-    run = 1
+    base = folder / stem
+    base.parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"{re.escape(base.name)}(?:_(\d+))?\.(?:zip|vecnormalize\.pkl)")
+    taken = [match for match in map(pattern.fullmatch, os.listdir(base.parent)) if match is not None]
+    run = max((int(match.group(1) or 1) for match in taken), default=0) + 1
     while True:
-        checkpoint = folder / f"{stem if run == 1 else f'{stem}_{run}'}.zip"
-        if not checkpoint.exists() and not checkpoint.with_suffix(".vecnormalize.pkl").exists():
-            return checkpoint
-        run += 1
+        checkpoint = base.parent / f"{base.name if run == 1 else f'{base.name}_{run}'}.zip"
+        try:
+            with open(checkpoint, "x"):
+                return checkpoint
+        except FileExistsError:
+            run += 1
 
 
 def build_env(
@@ -356,7 +366,6 @@ def main(argv: list[str] | None = None) -> float:
     model.learn(timesteps, progress_bar=args.progress_bar)
 
     checkpoint = unused_checkpoint_path(Path(args.output), f"{algo}_{env_name}_seed{args.seed}")
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     model.save(checkpoint)
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is not None:

@@ -43,6 +43,18 @@ def test_train_never_overwrites_an_earlier_run(tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "trpo_HalfCheetah-v5_seed0_2.vecnormalize.pkl").read_bytes() == b"user data"
 
 
+def test_checkpoint_names_count_up_from_the_highest(tmp_path: Path) -> None:
+    stem = "trpo_ALE/Pong.v5_seed0"  # a folder in the id, and a dot in the name
+    first = train.unused_checkpoint_path(tmp_path, stem)
+    assert first == tmp_path / "trpo_ALE" / "Pong.v5_seed0.zip" and first.exists()  # reserved
+    (tmp_path / "trpo_ALE" / "Pong.v5_seed0_7.vecnormalize.pkl").touch()
+    assert train.unused_checkpoint_path(tmp_path, stem).name == "Pong.v5_seed0_8.zip"
+    assert train.unused_checkpoint_path(tmp_path, stem).name == "Pong.v5_seed0_9.zip"
+    # Names of other runs do not count
+    (tmp_path / "trpo_ALE" / "Pong.v5_seed01_40.zip").touch()
+    assert train.unused_checkpoint_path(tmp_path, stem).name == "Pong.v5_seed0_10.zip"
+
+
 def test_train_says_when_the_env_has_no_entry(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="No entry for Acrobot-v1 .*: npg runs with its 'default' entry"):
         main(["--algo", "npg", "--env", "Acrobot-v1", "--timesteps", "64", "--eval-episodes", "1", "--output", str(tmp_path)])
