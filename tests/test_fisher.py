@@ -4,7 +4,13 @@ import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_trust.common import distributions as trust_distributions
-from sb3_trust.common.distributions import detach_distribution, kl_divergence, mean_kl
+from sb3_trust.common.distributions import (
+    concatenate_distributions,
+    detach_distribution,
+    kl_divergence,
+    mean_kl,
+    torch_distributions,
+)
 from sb3_trust.common.fisher import FisherVectorProduct
 from sb3_trust.common.policies import split_actor_critic_parameters
 
@@ -158,3 +164,31 @@ def test_actor_critic_split_follows_structure(share: bool) -> None:
     assert {id(p) for p in policy.value_net.parameters()} <= critic_ids
     assert {id(p) for p in policy.mlp_extractor.value_net.parameters()} <= critic_ids
     assert len(actor) + len(critic) == len(list(policy.parameters()))
+
+
+@pytest.mark.parametrize("name", list(ACTION_SPACES))
+def test_concatenated_chunks_are_the_whole_batch(name: str) -> None:
+    policy = tiny_policy(name)
+    obs = th.randn(11, 3)
+    with th.no_grad():
+        whole = detach_distribution(policy.get_distribution(obs))
+        actions = whole.get_actions()
+        chunks = [detach_distribution(policy.get_distribution(obs[rows])) for rows in (slice(0, 4), slice(4, 8), slice(8, 11))]
+        joined = concatenate_distributions(chunks)
+        assert th.allclose(joined.log_prob(actions), whole.log_prob(actions), atol=1e-6)
+        for param in policy.parameters():
+            param.add_(0.3 * th.randn_like(param))
+        new = policy.get_distribution(obs)
+        assert th.allclose(kl_divergence(joined, new), kl_divergence(whole, new), atol=1e-6)
+        assert kl_divergence(whole, new).mean() > 1e-2
+    # Each chunk is left as it was
+    assert torch_distributions(chunks[0])[0].batch_shape[0] == 4
+
+
+def test_distributions_of_different_kinds_are_not_concatenated() -> None:
+    obs = th.randn(3, 3)
+    with th.no_grad():
+        categorical = detach_distribution(tiny_policy("categorical").get_distribution(obs))
+        bernoulli = detach_distribution(tiny_policy("bernoulli").get_distribution(obs))
+    with pytest.raises(TypeError, match="Cannot combine"):
+        concatenate_distributions([categorical, bernoulli])

@@ -12,6 +12,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
 from sb3_trust import PPOKL
+from sb3_trust.common import on_policy
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 from sb3_trust.ppokl import adapt_kl_coef
 from sb3_trust.ppokl import ppokl as ppokl_module
@@ -302,3 +303,27 @@ def test_rollout_kl_is_measured_in_evaluation_mode() -> None:
     model.learn(128)
     ((kl, logged),) = recorded
     assert kl > 0 and logged == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_rollout_passes_in_chunks_equal_one_pass(env_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # π_old and the rollout KL are computed in chunks (bounding memory on image observations): with chunks of 7 rows,
+    # the update and the logged KL are those of one pass
+    models = []
+    for chunk_size in (2048, 7):
+        monkeypatch.setattr(on_policy, "EVALUATION_CHUNK_SIZE", chunk_size)
+        model = PPOKL("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=0), **SMALL)
+        recorder = RolloutKLRecorder(model)
+        model.learn(2 * 128)
+        models.append((model, recorder.records))
+    (whole, whole_records), (chunked, chunked_records) = models
+    assert len(whole_records) == len(chunked_records) == 2
+    for (_, kl, kl_coef, logged), (_, chunked_kl, chunked_kl_coef, chunked_logged) in zip(
+        whole_records, chunked_records, strict=True
+    ):
+        # (float32 round-off of a KL of ~1e-6 on CartPole: hence the absolute tolerance)
+        assert chunked_logged["train/kl_divergence"] == pytest.approx(logged["train/kl_divergence"], rel=1e-5, abs=1e-9)
+        assert chunked_logged["train/kl_divergence"] == pytest.approx(chunked_kl, rel=1e-5, abs=1e-9)
+        assert chunked_kl_coef == kl_coef and chunked_kl == pytest.approx(kl, rel=1e-4, abs=1e-9)
+    for a, b in zip(whole.policy.parameters(), chunked.policy.parameters(), strict=True):
+        assert th.allclose(a, b, rtol=1e-4, atol=1e-6)

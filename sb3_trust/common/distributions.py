@@ -7,7 +7,8 @@ so a custom SB3 distribution built from them is supported as well.
 """
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch as th
 from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
@@ -50,26 +51,57 @@ def sample_independently(distribution: Distribution) -> th.Tensor:
     return distribution.sample()
 
 
-def _map_torch_distribution(distribution: TorchDistribution, transform: Callable[[th.Tensor], th.Tensor]) -> TorchDistribution:
+def _combine_torch_distributions(
+    parts: Sequence[TorchDistribution], combine: Callable[[list[th.Tensor]], th.Tensor]
+) -> TorchDistribution:
     # Rebuild from the defining parameters (lazily cached ones such as `probs` would otherwise go stale)
-    if isinstance(distribution, Normal):
-        return Normal(transform(distribution.loc), transform(distribution.scale), validate_args=False)
-    if isinstance(distribution, Categorical):
-        return Categorical(logits=transform(distribution.logits), validate_args=False)
-    if isinstance(distribution, Bernoulli):
-        return Bernoulli(logits=transform(distribution.logits), validate_args=False)
-    mapped = copy.copy(distribution)
-    for name, value in vars(distribution).items():
+    first = parts[0]
+    if type(first) in (Normal, Categorical, Bernoulli) and any(type(part) is not type(first) for part in parts):
+        raise TypeError(f"Cannot combine {type(first).__name__} with {sorted({type(part).__name__ for part in parts})}")
+    if isinstance(first, Normal):
+        normals = cast(list[Normal], list(parts))
+        return Normal(combine([part.loc for part in normals]), combine([part.scale for part in normals]), validate_args=False)
+    if isinstance(first, (Categorical, Bernoulli)):
+        logits = combine([cast(Categorical | Bernoulli, part).logits for part in parts])
+        return (
+            Categorical(logits=logits, validate_args=False)
+            if isinstance(first, Categorical)
+            else Bernoulli(logits=logits, validate_args=False)
+        )
+    combined = copy.copy(first)
+    for name, value in vars(first).items():
         if isinstance(value, th.Tensor):
-            setattr(mapped, name, transform(value))
-    return mapped
+            setattr(combined, name, combine([vars(part)[name] for part in parts]))
+    return combined
+
+
+def _combine_distributions(
+    distributions: Sequence[Distribution], combine: Callable[[list[th.Tensor]], th.Tensor]
+) -> Distribution:
+    """
+    :param distributions: SB3 distributions of the same structure
+    :param combine: how each defining tensor of the result is made from theirs
+    :return: a copy of the first whose torch distributions hold the combined tensors
+    """
+    columns = zip(*(torch_distributions(distribution) for distribution in distributions), strict=True)
+    parts = [_combine_torch_distributions(column, combine) for column in columns]
+    combined = copy.copy(distributions[0])
+    combined.distribution = parts if isinstance(distributions[0].distribution, (list, tuple)) else parts[0]
+    return combined
 
 
 def _map_distribution(distribution: Distribution, transform: Callable[[th.Tensor], th.Tensor]) -> Distribution:
-    mapped = copy.copy(distribution)
-    parts = [_map_torch_distribution(part, transform) for part in torch_distributions(distribution)]
-    mapped.distribution = parts if isinstance(distribution.distribution, (list, tuple)) else parts[0]
-    return mapped
+    return _combine_distributions([distribution], lambda tensors: transform(tensors[0]))
+
+
+def concatenate_distributions(distributions: Sequence[Distribution]) -> Distribution:
+    """
+    One distribution over the rows of several batched distributions, in order (a rollout evaluated in chunks).
+
+    :param distributions: SB3 distributions of the same structure over Normal, Categorical or Bernoulli parts
+    :return: a new distribution object over all their rows
+    """
+    return _combine_distributions(distributions, th.cat)
 
 
 def select_distribution(distribution: Distribution, indices: th.Tensor | slice) -> Distribution:

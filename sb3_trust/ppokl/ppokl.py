@@ -14,8 +14,8 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite, check_unit_interval
-from sb3_trust.common.distributions import detach_distribution, mean_kl, select_distribution
-from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
+from sb3_trust.common.distributions import concatenate_distributions, detach_distribution, mean_kl, select_distribution
+from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm, evaluation_chunks
 from sb3_trust.common.policies import evaluate_actions_with_distribution
 from sb3_trust.common.surrogate import index_observations
 from sb3_trust.ppokl.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -218,13 +218,19 @@ class PPOKL(TrustOnPolicyAlgorithm):
 
         samples = next(self.rollout_buffer.get(batch_size=None))
         actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
-        with th.no_grad():
-            # π_old over the whole rollout, frozen: each minibatch's KL term compares against its rows. In evaluation
-            # mode, as the rollout's log-probabilities were (dropout or batch norm would otherwise shift it)
-            self.policy.set_training_mode(False)
-            old_distribution = detach_distribution(self.policy.get_distribution(samples.observations))
-        self.policy.set_training_mode(True)
         n_samples = len(actions)
+        with th.no_grad():
+            # π_old over the whole rollout (in chunks, which bound the memory of image observations), frozen: each
+            # minibatch's KL term compares against its rows. In evaluation mode, as the rollout's log-probabilities
+            # were (dropout or batch norm would otherwise shift it)
+            self.policy.set_training_mode(False)
+            old_distribution = concatenate_distributions(
+                [
+                    detach_distribution(self.policy.get_distribution(index_observations(samples.observations, chunk)))
+                    for chunk in evaluation_chunks(n_samples)
+                ]
+            )
+        self.policy.set_training_mode(True)
         stats: dict[str, list[float]] = {key: [] for key in ("pg", "kl_penalty", "value", "entropy", "clip", "approx_kl")}
         loss = th.zeros(())
         n_skipped = n_applied = 0
@@ -253,12 +259,16 @@ class PPOKL(TrustOnPolicyAlgorithm):
                 f"PPOKL: {n_skipped} minibatches skipped, their loss or gradient was not finite", RuntimeWarning, stacklevel=2
             )
 
-        # d: the KL this whole update moved the policy by, on its rollout; it drives β
+        # d: the KL this whole update moved the policy by, on its rollout (in chunks); it drives β
         self.policy.set_training_mode(False)
+        kl_sum = 0.0
         with th.no_grad():
-            distribution = self.policy.get_distribution(samples.observations)
-            log_ratio = distribution.log_prob(actions) - samples.old_log_prob
-            rollout_kl = self._mean_kl(old_distribution, distribution, log_ratio).item()
+            for chunk in evaluation_chunks(n_samples):
+                distribution = self.policy.get_distribution(index_observations(samples.observations, chunk))
+                log_ratio = distribution.log_prob(actions[chunk]) - samples.old_log_prob[chunk]
+                chunk_kl = self._mean_kl(select_distribution(old_distribution, chunk), distribution, log_ratio)
+                kl_sum += chunk_kl.item() * len(log_ratio)
+        rollout_kl = kl_sum / n_samples
         kl_coef_used = self.kl_coef
         if n_applied > 0:
             # (A policy that did not move says nothing about β: halving it would only weaken the next penalty)
