@@ -1,3 +1,5 @@
+import copy
+
 import gymnasium as gym
 import pytest
 import torch as th
@@ -5,6 +7,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_trust.common import distributions as trust_distributions
 from sb3_trust.common.distributions import (
+    can_concatenate,
     concatenate_distributions,
     detach_distribution,
     kl_divergence,
@@ -185,10 +188,17 @@ def test_concatenated_chunks_are_the_whole_batch(name: str) -> None:
     assert torch_distributions(chunks[0])[0].batch_shape[0] == 4
 
 
-def test_distributions_of_different_kinds_are_not_concatenated() -> None:
+def test_only_rebuilt_kinds_are_concatenated() -> None:
     obs = th.randn(3, 3)
     with th.no_grad():
         categorical = detach_distribution(tiny_policy("categorical").get_distribution(obs))
         bernoulli = detach_distribution(tiny_policy("bernoulli").get_distribution(obs))
-    with pytest.raises(TypeError, match="Cannot combine"):
+    with pytest.raises(TypeError, match="one kind"):
         concatenate_distributions([categorical, bernoulli])
+    # A wrapper keeps its rows in a base distribution, which a concatenation of its own tensors would miss
+    wrapped = copy.copy(categorical)
+    wrapped.distribution = th.distributions.Independent(th.distributions.Normal(th.zeros(3, 2), th.ones(3, 2)), 1)
+    assert can_concatenate(categorical) and not can_concatenate(wrapped)
+    with pytest.raises(TypeError, match="Independent"):
+        concatenate_distributions([wrapped, wrapped])
+    assert concatenate_distributions([wrapped]) is wrapped

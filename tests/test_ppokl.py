@@ -327,3 +327,27 @@ def test_rollout_passes_in_chunks_equal_one_pass(env_id: str, monkeypatch: pytes
         assert chunked_kl_coef == kl_coef and chunked_kl == pytest.approx(kl, rel=1e-4, abs=1e-9)
     for a, b in zip(whole.policy.parameters(), chunked.policy.parameters(), strict=True):
         assert th.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("concatenable", [True, False])
+def test_rollout_passes_are_chunked_unless_the_distribution_cannot_be_concatenated(
+    concatenable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(on_policy, "EVALUATION_CHUNK_SIZE", 7)
+    if not concatenable:
+        monkeypatch.setattr(ppokl_module, "can_concatenate", lambda distribution: False)
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
+    model.learn(128)  # the rollout is collected and evaluated (in chunks) before train()
+    batch_sizes: list[int] = []
+    get_distribution = model.policy.get_distribution
+
+    def recording_get_distribution(obs: th.Tensor) -> Any:
+        batch_sizes.append(len(obs))
+        return get_distribution(obs)
+
+    monkeypatch.setattr(model.policy, "get_distribution", recording_get_distribution)
+    model.train()
+    # Without gradient: π_old and the rollout KL, in chunks of 7 rows (or one pass of 128); the minibatch losses
+    # go through evaluate_actions, not get_distribution
+    expected = [7] * 18 + [2] if concatenable else [7, 128]
+    assert batch_sizes == expected + ([7] * 18 + [2] if concatenable else [128])

@@ -51,13 +51,26 @@ def sample_independently(distribution: Distribution) -> th.Tensor:
     return distribution.sample()
 
 
+# The torch distributions rebuilt from their defining parameters, the only ones whose rows are concatenated
+_REBUILT_TORCH_DISTRIBUTIONS = (Normal, Categorical, Bernoulli)
+
+
 def _combine_torch_distributions(
     parts: Sequence[TorchDistribution], combine: Callable[[list[th.Tensor]], th.Tensor]
 ) -> TorchDistribution:
-    # Rebuild from the defining parameters (lazily cached ones such as `probs` would otherwise go stale)
+    """
+    :param parts: torch distributions of one kind (a single one for a map such as a row selection)
+    :param combine: how each defining tensor of the result is made from theirs
+    :return: the rebuilt distribution (from the defining parameters: cached ones such as ``probs`` would go stale)
+    :raises TypeError: when several parts are not all of one of ``_REBUILT_TORCH_DISTRIBUTIONS`` (exactly): the
+        rows of another kind, which may keep its tensors in a base distribution, cannot be combined reliably
+    """
     first = parts[0]
-    if type(first) in (Normal, Categorical, Bernoulli) and any(type(part) is not type(first) for part in parts):
-        raise TypeError(f"Cannot combine {type(first).__name__} with {sorted({type(part).__name__ for part in parts})}")
+    if len(parts) > 1 and any(
+        type(part) not in _REBUILT_TORCH_DISTRIBUTIONS or type(part) is not type(first) for part in parts
+    ):
+        kinds = sorted({type(part).__name__ for part in parts})
+        raise TypeError(f"Only Normal, Categorical or Bernoulli rows of one kind are concatenated here, not {kinds}")
     if isinstance(first, Normal):
         normals = cast(list[Normal], list(parts))
         return Normal(combine([part.loc for part in normals]), combine([part.scale for part in normals]), validate_args=False)
@@ -68,20 +81,23 @@ def _combine_torch_distributions(
             if isinstance(first, Categorical)
             else Bernoulli(logits=logits, validate_args=False)
         )
-    combined = copy.copy(first)
+    mapped = copy.copy(first)
     for name, value in vars(first).items():
         if isinstance(value, th.Tensor):
-            setattr(combined, name, combine([vars(part)[name] for part in parts]))
-    return combined
+            setattr(mapped, name, combine([value]))
+    return mapped
 
 
 def _combine_distributions(
     distributions: Sequence[Distribution], combine: Callable[[list[th.Tensor]], th.Tensor]
 ) -> Distribution:
     """
+    Combine the torch distributions of SB3 distributions of one structure.
+
     :param distributions: SB3 distributions of the same structure
     :param combine: how each defining tensor of the result is made from theirs
-    :return: a copy of the first whose torch distributions hold the combined tensors
+    :return: a copy of the first whose torch distributions hold the combined tensors (its other state, such as
+        gSDE's noise features, is the first's)
     """
     columns = zip(*(torch_distributions(distribution) for distribution in distributions), strict=True)
     parts = [_combine_torch_distributions(column, combine) for column in columns]
@@ -94,13 +110,29 @@ def _map_distribution(distribution: Distribution, transform: Callable[[th.Tensor
     return _combine_distributions([distribution], lambda tensors: transform(tensors[0]))
 
 
+def can_concatenate(distribution: Distribution) -> bool:
+    """
+    :param distribution: an SB3 distribution on which ``proba_distribution`` has been called
+    :return: whether distributions like it can be concatenated (their torch parts are Normal, Categorical or
+        Bernoulli exactly)
+    """
+    return all(type(part) in _REBUILT_TORCH_DISTRIBUTIONS for part in torch_distributions(distribution))
+
+
 def concatenate_distributions(distributions: Sequence[Distribution]) -> Distribution:
     """
     One distribution over the rows of several batched distributions, in order (a rollout evaluated in chunks).
 
-    :param distributions: SB3 distributions of the same structure over Normal, Categorical or Bernoulli parts
-    :return: a new distribution object over all their rows
+    Only the torch distributions are concatenated, which is what KL divergences, log-probabilities and entropies use;
+    other state of the SB3 object (gSDE's noise features, used to sample) is the first's.
+
+    :param distributions: SB3 distributions of the same structure whose torch parts are Normal, Categorical or
+        Bernoulli (see :func:`can_concatenate`)
+    :return: a new distribution object over all their rows (the one distribution itself when there is one)
+    :raises TypeError: for other torch distributions
     """
+    if len(distributions) == 1:
+        return distributions[0]
     return _combine_distributions(distributions, th.cat)
 
 

@@ -21,19 +21,19 @@ SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustO
 SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 # Rollout states are re-evaluated in chunks of this many samples (bounds memory for image observations)
 EVALUATION_CHUNK_SIZE = 2048
+# The ActorCriticPolicy methods that define the law of a rollout's actions: a policy class that overrides any of them
+# draws its actions through its own forward(), as in SB3's rollout
+ACTION_LAW_METHODS = ("forward", "extract_features", "get_distribution", "_get_action_dist_from_latent")
 
 
 def evaluation_chunks(n_samples: int) -> list[slice]:
     """
-    :param n_samples: the number of rollout samples evaluated without gradient
+    Split a rollout's samples for evaluation without gradient.
+
+    :param n_samples: the number of rollout samples
     :return: consecutive slices of at most ``EVALUATION_CHUNK_SIZE`` samples that cover them
     """
     return [slice(start, start + EVALUATION_CHUNK_SIZE) for start in range(0, n_samples, EVALUATION_CHUNK_SIZE)]
-
-
-# The ActorCriticPolicy methods that define the law of a rollout's actions: a policy class that overrides any of them
-# draws its actions through its own forward(), as in SB3's rollout
-ACTION_LAW_METHODS = ("forward", "extract_features", "get_distribution", "_get_action_dist_from_latent")
 
 
 class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):

@@ -14,7 +14,13 @@ from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
 from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite, check_unit_interval
-from sb3_trust.common.distributions import concatenate_distributions, detach_distribution, mean_kl, select_distribution
+from sb3_trust.common.distributions import (
+    can_concatenate,
+    concatenate_distributions,
+    detach_distribution,
+    mean_kl,
+    select_distribution,
+)
 from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm, evaluation_chunks
 from sb3_trust.common.policies import evaluate_actions_with_distribution
 from sb3_trust.common.surrogate import index_observations
@@ -219,17 +225,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
         samples = next(self.rollout_buffer.get(batch_size=None))
         actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
         n_samples = len(actions)
-        with th.no_grad():
-            # π_old over the whole rollout (in chunks, which bound the memory of image observations), frozen: each
-            # minibatch's KL term compares against its rows. In evaluation mode, as the rollout's log-probabilities
-            # were (dropout or batch norm would otherwise shift it)
-            self.policy.set_training_mode(False)
-            old_distribution = concatenate_distributions(
-                [
-                    detach_distribution(self.policy.get_distribution(index_observations(samples.observations, chunk)))
-                    for chunk in evaluation_chunks(n_samples)
-                ]
-            )
+        # π_old over the whole rollout, frozen: each minibatch's KL term compares against its rows
+        old_distribution, chunks = self._frozen_rollout_distribution(samples.observations, n_samples)
         self.policy.set_training_mode(True)
         stats: dict[str, list[float]] = {key: [] for key in ("pg", "kl_penalty", "value", "entropy", "clip", "approx_kl")}
         loss = th.zeros(())
@@ -263,7 +260,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
         self.policy.set_training_mode(False)
         kl_sum = 0.0
         with th.no_grad():
-            for chunk in evaluation_chunks(n_samples):
+            for chunk in chunks:
                 distribution = self.policy.get_distribution(index_observations(samples.observations, chunk))
                 log_ratio = distribution.log_prob(actions[chunk]) - samples.old_log_prob[chunk]
                 chunk_kl = self._mean_kl(select_distribution(old_distribution, chunk), distribution, log_ratio)
@@ -303,6 +300,29 @@ class PPOKL(TrustOnPolicyAlgorithm):
             self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _frozen_rollout_distribution(self, observations: Any, n_samples: int) -> tuple[Distribution, list[slice]]:
+        """
+        The policy's distribution over the rollout, detached, in evaluation mode as the rollout's log-probabilities
+        were computed (dropout or batch norm would otherwise shift it). Evaluated in chunks of rows, which bound the
+        memory of image observations, when the distribution's kind can be concatenated; in one pass otherwise.
+
+        :param observations: the rollout's observations
+        :param n_samples: their number
+        :return: the distribution, and the chunks of rows it was evaluated in (for later passes over the rollout)
+        """
+        self.policy.set_training_mode(False)
+        chunks = evaluation_chunks(n_samples)
+        with th.no_grad():
+            parts = [detach_distribution(self.policy.get_distribution(index_observations(observations, chunks[0])))]
+            if len(chunks) > 1 and not can_concatenate(parts[0]):
+                chunks = [slice(0, n_samples)]
+                parts = [detach_distribution(self.policy.get_distribution(observations))]
+            parts += [
+                detach_distribution(self.policy.get_distribution(index_observations(observations, chunk)))
+                for chunk in chunks[1:]
+            ]
+        return concatenate_distributions(parts), chunks
 
     def _minibatch_loss(
         self,
