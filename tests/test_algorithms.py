@@ -22,6 +22,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from sb3_trust import NPG, PPOKL, TRPO
 from sb3_trust.common.critic import MLPValueRegression
 from sb3_trust.common.distributions import detach_distribution, mean_kl
+from sb3_trust.common.mlp import LinearStack
 
 ALGORITHMS = [NPG, TRPO]
 SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, policy_kwargs=dict(net_arch=[16]), seed=0)
@@ -415,6 +416,43 @@ def test_rollout_actions_follow_the_policys_law(env_id: str) -> None:
     else:
         # Each draw is 1 with probability p: E[a - p] = 0 (binary action)
         assert abs((actions.flatten() - distribution.probs[:, 1]).mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_rollout_actor_as_plain_functions_draws_what_the_modules_draw(env_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    actors: list[Any] = []
+    sample = TRPO._sample_actions_directly
+
+    def recording_sample(self: TRPO, obs_tensor: th.Tensor, actor: Any) -> th.Tensor:
+        actors.append(actor)
+        return sample(self, obs_tensor, actor)
+
+    monkeypatch.setattr(TRPO, "_sample_actions_directly", recording_sample)
+    rollouts = []
+    for plain in (True, False):
+        if not plain:
+            monkeypatch.setattr(LinearStack, "build", staticmethod(lambda layers: None))
+        model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=2, seed=0), n_steps=256, batch_size=128, seed=0)
+        rollouts.append(collected_rollout(model, 256))
+        assert isinstance(actors[-1], LinearStack) == plain
+    # The same kernels and the same random draws: the same actions, to the bit
+    assert th.equal(rollouts[0][0], rollouts[1][0]) and th.equal(rollouts[0][1], rollouts[1][1])
+
+
+def test_rollout_actor_with_a_hook_is_called_as_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    actors: list[Any] = []
+    sample = TRPO._sample_actions_directly
+    monkeypatch.setattr(
+        TRPO, "_sample_actions_directly", lambda self, obs, actor: actors.append(actor) or sample(self, obs, actor)
+    )
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=64, batch_size=64, seed=0)
+    # A hook that moves the mean far away: the rollout's actions must follow it
+    model.policy.action_net.register_forward_hook(lambda _module, _inputs, output: output + 5.0)
+    observations, actions = collected_rollout(model, 64)
+    assert actors and all(actor is None for actor in actors)
+    with th.no_grad():
+        mean = model.policy.get_distribution(observations).distribution.mean
+    assert mean.min() > 3.0 and abs((actions - mean).mean().item()) < 0.5
 
 
 def test_rollout_actions_of_a_policy_with_its_own_distribution() -> None:

@@ -11,9 +11,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_trust.common.mlp import LinearStack
 
 SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustOnPolicyAlgorithm")
 
@@ -191,18 +194,27 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             return lambda obs_tensor: policy(obs_tensor)[0]
         if type(policy.action_dist) not in (DiagGaussianDistribution, CategoricalDistribution):
             return lambda obs_tensor: policy.get_distribution(obs_tensor).get_actions()
-        return self._sample_actions_directly
+        # SB3's MLP actor, from the features to the action parameters, as plain tensor functions (see LinearStack)
+        actor = None
+        if getattr(type(policy.mlp_extractor), "forward_actor", None) is MlpExtractor.forward_actor:
+            actor = LinearStack.build([policy.mlp_extractor.policy_net, policy.action_net])
+        return lambda obs_tensor: self._sample_actions_directly(obs_tensor, actor)
 
-    def _sample_actions_directly(self, obs_tensor: th.Tensor | TensorDict) -> th.Tensor:
+    def _sample_actions_directly(self, obs_tensor: th.Tensor | TensorDict, actor: LinearStack | None) -> th.Tensor:
         """
         Draw from a stock policy's diagonal Gaussian or categorical without building a distribution object.
 
         :param obs_tensor: observations of the vectorized environment
+        :param actor: the actor's MLP and action head as a :class:`~sb3_trust.common.mlp.LinearStack`, or None to
+            call the modules
         :return: the sampled actions
         """
         policy = self.policy
         features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
-        action_params = policy.action_net(policy.mlp_extractor.forward_actor(features))
+        if actor is not None:
+            action_params = actor.forward(features)
+        else:
+            action_params = policy.action_net(policy.mlp_extractor.forward_actor(features))
         if isinstance(policy.action_dist, DiagGaussianDistribution):
             return action_params + th.randn_like(action_params) * policy.log_std.exp()
         return th.multinomial(th.softmax(action_params, dim=-1), 1).squeeze(-1)
