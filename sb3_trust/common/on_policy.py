@@ -211,7 +211,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         """
         policy = self.policy
         features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
-        if actor is not None:
+        if actor is not None and features.dim() == 2:  # (nn.Linear also maps the last axis of higher-rank features)
             action_params = actor.forward(features)
         else:
             action_params = policy.action_net(policy.mlp_extractor.forward_actor(features))
