@@ -47,7 +47,8 @@ class MLPValueRegression:
         """
         head = self.head
         with th.no_grad():
-            values, linear_inputs = head.forward_with_inputs(inputs)
+            linear_inputs: list[th.Tensor] = []
+            values = head.forward(inputs, linear_inputs)
             error = values.flatten() - targets
             loss = error.pow(2).mean()
             # Back-propagate d loss / d value = 2 (v - y) / N; grad_output is d loss / d (output of linears[index])

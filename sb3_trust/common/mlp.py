@@ -78,23 +78,18 @@ class LinearStack:
     def out_features(self) -> int:
         return self.linears[-1].out_features
 
-    def forward(self, inputs: th.Tensor) -> th.Tensor:
+    def forward(self, inputs: th.Tensor, layer_inputs: list[th.Tensor] | None = None) -> th.Tensor:
         """
         :param inputs: a batch, shape (batch, in_features)
+        :param layer_inputs: when given, receives the input of every linear layer (each the output of the activation
+            before it), for a hand-written backward pass
         :return: the output (with a graph only if the caller's grad mode and the parameters ask for one)
         """
-        return self.forward_with_inputs(inputs)[0]
-
-    def forward_with_inputs(self, inputs: th.Tensor) -> tuple[th.Tensor, list[th.Tensor]]:
-        """
-        :param inputs: a batch, shape (batch, in_features)
-        :return: the output, and the input of every linear layer (each the output of the activation before it)
-        """
-        layer_inputs = []
         hidden = inputs
         for linear, activation in zip(self.linears, self.activations, strict=True):
-            layer_inputs.append(hidden)
+            if layer_inputs is not None:
+                layer_inputs.append(hidden)
             hidden = th.addmm(linear.bias, hidden, linear.weight.t())
             if activation is not None:
                 hidden = activation.forward(hidden)
-        return hidden, layer_inputs
+        return hidden
