@@ -3,6 +3,7 @@ import copy
 import gymnasium as gym
 import pytest
 import torch as th
+from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_trust.common import distributions as trust_distributions
@@ -12,6 +13,7 @@ from sb3_trust.common.distributions import (
     detach_distribution,
     kl_divergence,
     mean_kl,
+    select_distribution,
     torch_distributions,
 )
 from sb3_trust.common.fisher import FisherVectorProduct
@@ -98,6 +100,22 @@ def test_fallback_kl_hessian_path_matches_analytic(name: str, monkeypatch: pytes
     monkeypatch.setattr(trust_distributions, "_METRICS", {})
     fallback = FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.05)
     assert not fallback.is_analytic
+    assert th.allclose(fallback(v), analytic, rtol=1e-4, atol=1e-6)
+
+
+def test_fallback_on_a_wrapped_gaussian_matches_analytic() -> None:
+    # A custom distribution may hold its Gaussian inside an Independent: the fallback's "old" copy must be detached
+    # down to the base distribution, or the KL would be identically zero and so would its Hessian
+    policy = tiny_policy("gaussian", seed=2)
+    actor, _ = split_actor_critic_parameters(policy)
+    obs = th.randn(6, 3)
+    v = th.randn(sum(p.numel() for p in actor))
+    analytic = FisherVectorProduct(policy.get_distribution(obs), actor, damping=0.0)(v)
+    wrapped = copy.copy(policy.get_distribution(obs))
+    wrapped.distribution = th.distributions.Independent(wrapped.distribution, 1)
+    fallback = FisherVectorProduct(wrapped, actor, damping=0.0)
+    assert not fallback.is_analytic
+    assert analytic.norm() > 1e-3
     assert th.allclose(fallback(v), analytic, rtol=1e-4, atol=1e-6)
 
 
@@ -195,10 +213,55 @@ def test_only_rebuilt_kinds_are_concatenated() -> None:
         bernoulli = detach_distribution(tiny_policy("bernoulli").get_distribution(obs))
     with pytest.raises(TypeError, match="one kind"):
         concatenate_distributions([categorical, bernoulli])
-    # A wrapper keeps its rows in a base distribution, which a concatenation of its own tensors would miss
-    wrapped = copy.copy(categorical)
-    wrapped.distribution = th.distributions.Independent(th.distributions.Normal(th.zeros(3, 2), th.ones(3, 2)), 1)
-    assert can_concatenate(categorical) and not can_concatenate(wrapped)
-    with pytest.raises(TypeError, match="Independent"):
-        concatenate_distributions([wrapped, wrapped])
-    assert concatenate_distributions([wrapped]) is wrapped
+    # Beta keeps its rows in a nested Dirichlet, which a concatenation of its own tensors would miss
+    beta = copy.copy(categorical)
+    beta.distribution = th.distributions.Beta(th.ones(3, 2), th.ones(3, 2))
+    assert can_concatenate(categorical) and not can_concatenate(beta)
+    with pytest.raises(TypeError, match="Beta"):
+        concatenate_distributions([beta, beta])
+    with pytest.raises(TypeError, match="Beta"):
+        select_distribution(beta, slice(0, 2))
+    assert select_distribution(beta, slice(0, 3)) is beta
+    assert concatenate_distributions([beta]) is beta
+
+
+def _wrapped(loc: th.Tensor, kind: str) -> th.distributions.Distribution:
+    """A distribution over rows of loc (shape (n, 2)), in one of the wrappers a custom SB3 distribution may use."""
+    normal = th.distributions.Normal(loc, th.full_like(loc, 0.5))
+    if kind == "independent":
+        return th.distributions.Independent(normal, 1)
+    if kind == "transformed":
+        return th.distributions.TransformedDistribution(normal, [th.distributions.transforms.TanhTransform()])
+    if kind == "beta":
+        return th.distributions.Beta(loc.exp(), th.ones_like(loc))
+    return type("NormalSubclass", (th.distributions.Normal,), {})(loc, th.full_like(loc, 0.5))
+
+
+@pytest.mark.parametrize("kind", ["independent", "transformed", "beta", "normal-subclass"])
+def test_wrapped_distributions_are_detached_selected_and_concatenated(kind: str) -> None:
+    loc = th.randn(5, 2, requires_grad=True)
+    distribution = DiagGaussianDistribution(2)
+    distribution.distribution = _wrapped(loc * 1.0, kind)
+    actions = th.rand(5, 2) * 0.8 + 0.1  # inside every support (Beta: (0, 1); tanh: (-1, 1))
+    detached = detach_distribution(distribution)
+    part = torch_distributions(detached)[0]
+    assert type(part) is type(torch_distributions(distribution)[0])
+    # Detached all the way down (a wrapper's base distribution included), with the same law
+    assert not _log_prob(detached, actions).requires_grad
+    assert th.equal(_log_prob(detached, actions), _log_prob(distribution, actions).detach())
+    if kind in ("beta", "normal-subclass"):
+        assert not can_concatenate(detached)
+        return
+    assert can_concatenate(detached)
+    rows = th.tensor([3, 0])
+    selected = select_distribution(detached, rows)
+    assert torch_distributions(selected)[0].batch_shape[0] == 2
+    assert th.allclose(_log_prob(selected, actions[rows]), _log_prob(detached, actions)[rows])
+    halves = [select_distribution(detached, rows) for rows in (slice(0, 2), slice(2, 5))]
+    joined = concatenate_distributions(halves)
+    assert th.allclose(_log_prob(joined, actions), _log_prob(detached, actions))
+
+
+def _log_prob(distribution: DiagGaussianDistribution, actions: th.Tensor) -> th.Tensor:
+    # The torch part's own log-probability: SB3's would sum an Independent's per-row values once more
+    return torch_distributions(distribution)[0].log_prob(actions)

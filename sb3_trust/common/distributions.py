@@ -3,7 +3,9 @@ KL divergences and Fisher metrics of the action distributions that SB3's on-poli
 
 An SB3 ``Distribution`` wraps one torch distribution (``Normal``, ``Categorical``, ``Bernoulli``) or, for
 ``MultiCategoricalDistribution``, a list of ``Categorical``. Everything here works on those torch objects,
-so a custom SB3 distribution built from them is supported as well.
+so a custom SB3 distribution built from them (also inside an ``Independent`` or a ``TransformedDistribution``) is
+supported as well. Any other torch distribution can be detached and gets the KL-Hessian Fisher product; its rows
+are not selected or concatenated (a ``TypeError`` says so, and PPOKL then estimates its KL from samples).
 """
 
 import copy
@@ -12,7 +14,7 @@ from typing import cast
 
 import torch as th
 from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
-from torch.distributions import Bernoulli, Categorical, Normal
+from torch.distributions import Bernoulli, Categorical, Independent, Normal, TransformedDistribution
 from torch.distributions import Distribution as TorchDistribution
 
 # Applies the distribution's Fisher matrix M (in its own parameters) to a list of per-sample tangent vectors
@@ -51,41 +53,89 @@ def sample_independently(distribution: Distribution) -> th.Tensor:
     return distribution.sample()
 
 
-# The torch distributions rebuilt from their defining parameters, the only ones whose rows are concatenated
+# The torch distributions rebuilt from their defining parameters (cached ones such as ``probs`` would go stale)
 _REBUILT_TORCH_DISTRIBUTIONS = (Normal, Categorical, Bernoulli)
 
 
-def _combine_torch_distributions(
+def _can_rebuild(part: TorchDistribution) -> bool:
+    """
+    :param part: a torch distribution
+    :return: whether its rows can be selected or concatenated here: it is Normal, Categorical or Bernoulli exactly,
+        or an ``Independent`` of such, or a ``TransformedDistribution`` of such whose transforms hold no tensors
+        (a tensor there may be per row, and would not be selected with the rows)
+    """
+    if type(part) in _REBUILT_TORCH_DISTRIBUTIONS:
+        return True
+    if type(part) is Independent:
+        return _can_rebuild(cast(Independent, part).base_dist)
+    if type(part) is TransformedDistribution:
+        transformed = cast(TransformedDistribution, part)
+        return _can_rebuild(transformed.base_dist) and not any(
+            isinstance(value, th.Tensor) for transform in transformed.transforms for value in vars(transform).values()
+        )
+    return False
+
+
+def _rebuild_torch_distribution(
     parts: Sequence[TorchDistribution], combine: Callable[[list[th.Tensor]], th.Tensor]
 ) -> TorchDistribution:
     """
-    :param parts: torch distributions of one kind (a single one for a map such as a row selection)
+    :param parts: torch distributions of one structure, each accepted by :func:`_can_rebuild`
     :param combine: how each defining tensor of the result is made from theirs
-    :return: the rebuilt distribution (from the defining parameters: cached ones such as ``probs`` would go stale)
-    :raises TypeError: when several parts are not all of one of ``_REBUILT_TORCH_DISTRIBUTIONS`` (exactly): the
-        rows of another kind, which may keep its tensors in a base distribution, cannot be combined reliably
+    :return: a new distribution of that structure built from the combined defining tensors
+    :raises TypeError: when the parts are not all of one rebuildable structure
     """
     first = parts[0]
-    if len(parts) > 1 and any(
-        type(part) not in _REBUILT_TORCH_DISTRIBUTIONS or type(part) is not type(first) for part in parts
-    ):
+    if not all(_can_rebuild(part) and type(part) is type(first) for part in parts):
         kinds = sorted({type(part).__name__ for part in parts})
-        raise TypeError(f"Only Normal, Categorical or Bernoulli rows of one kind are concatenated here, not {kinds}")
+        raise TypeError(
+            f"Only the rows of Normal, Categorical or Bernoulli distributions of one kind (or of an Independent or a "
+            f"tensor-free TransformedDistribution of them) are selected or concatenated here, not {kinds}"
+        )
     if isinstance(first, Normal):
         normals = cast(list[Normal], list(parts))
         return Normal(combine([part.loc for part in normals]), combine([part.scale for part in normals]), validate_args=False)
     if isinstance(first, (Categorical, Bernoulli)):
         logits = combine([cast(Categorical | Bernoulli, part).logits for part in parts])
-        return (
-            Categorical(logits=logits, validate_args=False)
-            if isinstance(first, Categorical)
-            else Bernoulli(logits=logits, validate_args=False)
-        )
-    mapped = copy.copy(first)
-    for name, value in vars(first).items():
+        kind = Categorical if isinstance(first, Categorical) else Bernoulli
+        return kind(logits=logits, validate_args=False)
+    wrappers = cast(list[Independent | TransformedDistribution], list(parts))
+    base = _rebuild_torch_distribution([part.base_dist for part in wrappers], combine)
+    if isinstance(first, Independent):
+        if any(cast(Independent, part).reinterpreted_batch_ndims != first.reinterpreted_batch_ndims for part in parts):
+            raise TypeError("Independent rows with different event dimensions are not concatenated")
+        return Independent(base, first.reinterpreted_batch_ndims, validate_args=False)
+    transforms = cast(TransformedDistribution, first).transforms
+    if any(cast(TransformedDistribution, part).transforms != transforms for part in parts):
+        raise TypeError("TransformedDistribution rows with different transforms are not concatenated")
+    return TransformedDistribution(base, transforms, validate_args=False)
+
+
+def _detached_torch_distribution(part: TorchDistribution) -> TorchDistribution:
+    """
+    :param part: any torch distribution whose state is tensors and nested distributions (e.g. ``Beta``)
+    :return: a shallow copy of it (and of its nested distributions) holding detached tensors
+    """
+    if _can_rebuild(part):
+        return _rebuild_torch_distribution([part], lambda tensors: tensors[0].detach())
+    detached = copy.copy(part)
+    for name, value in vars(part).items():
         if isinstance(value, th.Tensor):
-            setattr(mapped, name, combine([value]))
-    return mapped
+            setattr(detached, name, value.detach())
+        elif isinstance(value, TorchDistribution):
+            setattr(detached, name, _detached_torch_distribution(value))
+    return detached
+
+
+def _with_torch_distributions(distribution: Distribution, parts: list[TorchDistribution]) -> Distribution:
+    """
+    :param distribution: an SB3 distribution
+    :param parts: new torch distributions, one per part of ``distribution``
+    :return: a shallow copy of ``distribution`` holding them (its other state, such as gSDE's noise features, shared)
+    """
+    result = copy.copy(distribution)
+    result.distribution = parts if isinstance(distribution.distribution, (list, tuple)) else parts[0]
+    return result
 
 
 def _combine_distributions(
@@ -100,23 +150,17 @@ def _combine_distributions(
         gSDE's noise features, is the first's)
     """
     columns = zip(*(torch_distributions(distribution) for distribution in distributions), strict=True)
-    parts = [_combine_torch_distributions(column, combine) for column in columns]
-    combined = copy.copy(distributions[0])
-    combined.distribution = parts if isinstance(distributions[0].distribution, (list, tuple)) else parts[0]
-    return combined
-
-
-def _map_distribution(distribution: Distribution, transform: Callable[[th.Tensor], th.Tensor]) -> Distribution:
-    return _combine_distributions([distribution], lambda tensors: transform(tensors[0]))
+    return _with_torch_distributions(distributions[0], [_rebuild_torch_distribution(column, combine) for column in columns])
 
 
 def can_concatenate(distribution: Distribution) -> bool:
     """
     :param distribution: an SB3 distribution on which ``proba_distribution`` has been called
-    :return: whether distributions like it can be concatenated (their torch parts are Normal, Categorical or
-        Bernoulli exactly)
+    :return: whether distributions like it can be concatenated, and rows of it selected (its torch parts are
+        Normal, Categorical or Bernoulli exactly, possibly inside an ``Independent`` or a ``TransformedDistribution``
+        without tensors in its transforms)
     """
-    return all(type(part) in _REBUILT_TORCH_DISTRIBUTIONS for part in torch_distributions(distribution))
+    return all(_can_rebuild(part) for part in torch_distributions(distribution))
 
 
 def concatenate_distributions(distributions: Sequence[Distribution]) -> Distribution:
@@ -126,8 +170,7 @@ def concatenate_distributions(distributions: Sequence[Distribution]) -> Distribu
     Only the torch distributions are concatenated, which is what KL divergences, log-probabilities and entropies use;
     other state of the SB3 object (gSDE's noise features, used to sample) is the first's.
 
-    :param distributions: SB3 distributions of the same structure whose torch parts are Normal, Categorical or
-        Bernoulli (see :func:`can_concatenate`)
+    :param distributions: SB3 distributions of the same structure that :func:`can_concatenate`
     :return: a new distribution object over all their rows (the one distribution itself when there is one)
     :raises TypeError: for other torch distributions
     """
@@ -140,11 +183,16 @@ def select_distribution(distribution: Distribution, indices: th.Tensor | slice) 
     """
     The distribution of a subset of the batch (e.g. a minibatch of a frozen rollout distribution).
 
-    :param distribution: a batched SB3 distribution over Normal, Categorical or Bernoulli parts
+    :param distribution: a batched SB3 distribution that :func:`can_concatenate` (any, for a slice of every row)
     :param indices: the rows to keep
-    :return: a new distribution object over those rows
+    :return: a new distribution object over those rows (the distribution itself for a slice of every row)
+    :raises TypeError: for other torch distributions, whose rows may hide in state not known here
     """
-    return _map_distribution(distribution, lambda tensor: tensor[indices])
+    if isinstance(indices, slice):
+        rows = range(torch_distributions(distribution)[0].batch_shape[0])
+        if rows[indices] == rows:
+            return distribution
+    return _combine_distributions([distribution], lambda tensors: tensors[0][indices])
 
 
 def detach_distribution(distribution: Distribution) -> Distribution:
@@ -154,10 +202,13 @@ def detach_distribution(distribution: Distribution) -> Distribution:
     SB3 policies reuse one ``Distribution`` object for every forward pass, so the "old" policy of a trust-region
     update must be copied before the parameters move.
 
-    :param distribution: the distribution to freeze
+    :param distribution: the distribution to freeze (any torch distributions whose state is tensors and nested
+        distributions)
     :return: a shallow copy whose torch distributions hold detached tensors
     """
-    return _map_distribution(distribution, th.Tensor.detach)
+    return _with_torch_distributions(
+        distribution, [_detached_torch_distribution(part) for part in torch_distributions(distribution)]
+    )
 
 
 def _sum_event_dims(tensor: th.Tensor) -> th.Tensor:

@@ -263,7 +263,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
             for chunk in chunks:
                 distribution = self.policy.get_distribution(index_observations(samples.observations, chunk))
                 log_ratio = distribution.log_prob(actions[chunk]) - samples.old_log_prob[chunk]
-                chunk_kl = self._mean_kl(select_distribution(old_distribution, chunk), distribution, log_ratio)
+                chunk_kl = self._mean_kl(old_distribution, chunk, distribution, log_ratio)
                 kl_sum += chunk_kl.item() * len(log_ratio)
         rollout_kl = kl_sum / n_samples
         kl_coef_used = self.kl_coef
@@ -359,7 +359,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
             surrogate = th.min(surrogate, th.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages)
             terms["clip"] = th.mean((th.abs(ratio - 1) > clip_range).float()).item()
         policy_loss = -surrogate.mean()
-        kl = self._mean_kl(select_distribution(old_distribution, indices), distribution, log_ratio)
+        kl = self._mean_kl(old_distribution, indices, distribution, log_ratio)
         values = values.flatten()
         if clip_range_vf is not None:
             old_values = samples.old_values[indices]
@@ -377,18 +377,19 @@ class PPOKL(TrustOnPolicyAlgorithm):
         return loss, terms
 
     @staticmethod
-    def _mean_kl(old: Distribution, new: Distribution, log_ratio: th.Tensor) -> th.Tensor:
+    def _mean_kl(old: Distribution, rows: th.Tensor | slice, new: Distribution, log_ratio: th.Tensor) -> th.Tensor:
         """
-        Mean KL(π_old ‖ π_θ): analytic where the distributions have it, else the sample estimate
-        mean((r - 1) - log r) with r = π_θ / π_old on actions drawn from π_old.
+        Mean KL(π_old ‖ π_θ): analytic where the distributions have it (and rows of π_old can be selected), else the
+        sample estimate mean((r - 1) - log r) with r = π_θ / π_old on actions drawn from π_old.
 
-        :param old: the frozen old distribution
+        :param old: the frozen old distribution over the whole rollout
+        :param rows: the rollout's rows that ``new`` and ``log_ratio`` are on
         :param new: the current distribution
         :param log_ratio: log π_θ(a) - log π_old(a) of the rollout's actions
         :return: a scalar
         """
         try:
-            return mean_kl(old, new)
+            return mean_kl(select_distribution(old, rows), new)
         except (NotImplementedError, TypeError):
             return th.mean(th.exp(log_ratio) - 1 - log_ratio)
 
