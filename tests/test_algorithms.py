@@ -439,7 +439,8 @@ def test_rollout_actor_as_plain_functions_draws_what_the_modules_draw(env_id: st
     assert th.equal(rollouts[0][0], rollouts[1][0]) and th.equal(rollouts[0][1], rollouts[1][1])
 
 
-def test_rollout_actor_with_a_hook_is_called_as_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["action_net", "policy_net", "global"])
+def test_rollout_actor_with_a_hook_is_called_as_modules(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     actors: list[Any] = []
     sample = TRPO._sample_actions_directly
     monkeypatch.setattr(
@@ -447,12 +448,27 @@ def test_rollout_actor_with_a_hook_is_called_as_modules(monkeypatch: pytest.Monk
     )
     model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=64, batch_size=64, seed=0)
     # A hook that moves the mean far away: the rollout's actions must follow it
-    model.policy.action_net.register_forward_hook(lambda _module, _inputs, output: output + 5.0)
-    observations, actions = collected_rollout(model, 64)
-    assert actors and all(actor is None for actor in actors)
+    action_net = model.policy.action_net
+
+    def shift(module: th.nn.Module, _inputs: Any, output: th.Tensor) -> th.Tensor:
+        return output + 5.0 if module is action_net else output
+
+    if where == "global":
+        handle = th.nn.modules.module.register_module_forward_hook(shift)
+    elif where == "action_net":
+        handle = action_net.register_forward_hook(shift)
+    else:  # on the MLP container before the head: a latent shifted this far moves the mean as well
+        handle = model.policy.mlp_extractor.policy_net.register_forward_hook(lambda _module, _inputs, output: output + 500.0)
+    try:
+        observations, actions = collected_rollout(model, 64)
+        with th.no_grad():
+            mean = model.policy.get_distribution(observations).distribution.mean
+    finally:
+        handle.remove()
     with th.no_grad():
-        mean = model.policy.get_distribution(observations).distribution.mean
-    assert mean.min() > 3.0 and abs((actions - mean).mean().item()) < 0.5
+        plain_mean = model.policy.get_distribution(observations).distribution.mean
+    assert actors and all(actor is None for actor in actors)
+    assert (mean - plain_mean).abs().min() > 0.1 and abs((actions - mean).mean().item()) < 0.5
 
 
 def test_rollout_actions_of_a_policy_with_its_own_distribution() -> None:

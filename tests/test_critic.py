@@ -62,6 +62,7 @@ def hooked(module: nn.Module) -> nn.Module:
         [nn.Sequential(NoisyLinear(5, 8), nn.Tanh()), nn.Linear(8, 1)],
         [nn.Sequential(hooked(nn.Linear(5, 8)), nn.Tanh()), nn.Linear(8, 1)],
         [nn.Sequential(nn.Linear(5, 8), hooked(nn.Tanh())), nn.Linear(8, 1)],
+        [hooked(nn.Sequential(nn.Linear(5, 8), nn.Tanh())), nn.Linear(8, 1)],
     ],
     ids=[
         "sigmoid",
@@ -73,7 +74,18 @@ def hooked(module: nn.Module) -> nn.Module:
         "subclass",
         "hook",
         "hook-on-activation",
+        "hook-on-container",
     ],
 )
 def test_unsupported_heads_fall_back(layers: list[nn.Module]) -> None:
     assert MLPValueRegression.build(layers) is None
+
+
+def test_a_global_module_hook_makes_heads_fall_back() -> None:
+    layers = [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Linear(8, 1)]
+    assert MLPValueRegression.build(layers) is not None
+    handle = nn.modules.module.register_module_forward_hook(lambda _module, _inputs, output: output)
+    try:
+        assert MLPValueRegression.build(layers) is None
+    finally:
+        handle.remove()

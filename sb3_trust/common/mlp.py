@@ -30,6 +30,27 @@ ACTIVATIONS: dict[type[nn.Module], Activation | None] = {
 }
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """
+    :param module: a module
+    :return: whether hooks are registered on it (forward, forward-pre or backward ones)
+    """
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_module_hooks() -> bool:
+    """
+    :return: whether hooks registered for every module (``torch.nn.modules.module.register_module_*_hook``) exist
+    """
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
 class LinearStack:
     """
     ``nn.Linear`` layers, each optionally followed by a Tanh, ReLU or Identity, evaluated with ``addmm`` and the
@@ -57,14 +78,18 @@ class LinearStack:
             a linear layer, with at most one known activation after each, none of them a subclass, parametrized
             (weight or spectral norm) or hooked: those change what the module computes, which only calling it gives
         """
+        if _global_module_hooks():
+            return None
         expanded: list[nn.Module] = []
         for layer in layers:
-            expanded.extend(layer if isinstance(layer, nn.Sequential) else [layer])
+            if _has_hooks(layer):  # a container's hooks as well: its call is what gets skipped
+                return None
+            expanded.extend(layer if type(layer) is nn.Sequential else [layer])
         if not expanded or type(expanded[0]) is not nn.Linear or type(expanded[-1]) is not nn.Linear:
             return None
         previous_linear = False
         for layer in expanded:
-            if parametrize.is_parametrized(layer) or layer._forward_hooks or layer._forward_pre_hooks:
+            if parametrize.is_parametrized(layer) or _has_hooks(layer):
                 return None
             is_linear = type(layer) is nn.Linear
             if is_linear and layer.bias is None:
