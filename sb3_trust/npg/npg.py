@@ -13,7 +13,8 @@ from sb3_trust.npg.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
 class NPG(NaturalGradientAlgorithm):
     """
-    Natural Policy Gradient: θ ← θ + sqrt(2δ / sᵀFs) · s with s = F⁻¹g solved by conjugate gradient.
+    Natural Policy Gradient: θ ← θ + sqrt(2δ / sᵀFs) · s with s = F⁻¹g solved by conjugate gradient, F damped
+    to F + λI (``cg_damping``) in both, as in sb3-contrib's TRPO (docs/benchmarks.md: the realised KL is then below δ).
 
     The step is the closed-form solution of the linear-quadratic trust-region problem (Kakade, 2001; Schulman,
     "Advanced Policy Gradient Methods", 2017); unlike TRPO there is no line search, so the realised KL is only

@@ -19,7 +19,7 @@ class TRPO(NaturalGradientAlgorithm):
     """
     Trust Region Policy Optimization: the natural-gradient direction s = F⁻¹g, then a backtracking line search
     from the trust region's edge sqrt(2δ / sᵀFs) · s on the true surrogate and the true mean KL
-    (Schulman et al., 2015, Sec. 6 and App. C).
+    (Schulman et al., 2015, Sec. 6 and App. C), F damped to F + λI (``cg_damping``) in both, as in sb3-contrib.
     A step is kept only if the surrogate improves and the mean KL(π_old ‖ π_new) on the rollout is at most δ;
     otherwise the old parameters stay.
 
