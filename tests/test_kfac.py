@@ -309,6 +309,27 @@ def test_free_parameters_get_a_diagonal_preconditioner() -> None:
     assert bool((model.log_std < before).all())  # a descent step against the positive gradient
 
 
+def test_only_free_parameters_trainable() -> None:
+    # Fine-tuning the exploration noise alone: no layer is captured, the diagonal preconditioner does everything
+    th.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 1))
+    model.register_parameter("log_std", nn.Parameter(th.zeros(1)))
+    with th.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    model[0].requires_grad_(False)
+    optimizer = KFAC(model)
+    inputs = th.randn(64, 2)
+    before = model.log_std.detach().clone()
+    with optimizer.capture():
+        distribution = th.distributions.Normal(model(inputs), model.log_std.exp())
+    loss = -distribution.log_prob(th.zeros(64, 1)).mean()  # the targets are the mean itself: a smaller σ fits them
+    optimizer.backward(loss, -distribution.log_prob(distribution.sample()).mean(), batch_size=64)
+    assert model.log_std.grad is not None and model[0].weight.grad is None
+    optimizer.step()
+    assert bool((model.log_std < before).all())
+
+
 def test_ordinary_backward_does_not_touch_the_statistics() -> None:
     network, optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3)
     factor_a, factor_g = (factor.clone() for factor in optimizer.kronecker_factors(network[2]))

@@ -308,9 +308,11 @@ class KFAC(Optimizer):
             self._demote_blocks_with_other_uses(loss)
         index, outputs = self._captured_outputs()
         captured_rows = {self._calls[module][call][0].shape[0] for _, module, call in index}
-        if captured_rows != {batch_size}:
+        if index and captured_rows != {batch_size}:
             raise ValueError(f"K-FAC.backward: the captured layers saw {sorted(captured_rows)} rows, not {batch_size}")
         free = self.diagonal_params
+        if not outputs and not free:
+            return  # nothing trainable (every layer frozen): nothing to accumulate
         loss_grads = th.autograd.grad(loss, [*outputs, *free], retain_graph=True, allow_unused=True)
         fisher_grads = th.autograd.grad(fisher_loss, [*outputs, *free], allow_unused=True)
         rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]] = {}
