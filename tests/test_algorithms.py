@@ -19,10 +19,11 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-from sb3_trust import NPG, PPOKL, TRPO
+from sb3_trust import ACKTR, NPG, PPOKL, TRPO
 from sb3_trust.common.critic import MLPValueRegression
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 from sb3_trust.common.mlp import LinearStack
+from sb3_trust.common.policies import values_and_distribution
 
 ALGORITHMS = [NPG, TRPO]
 SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, policy_kwargs=dict(net_arch=[16]), seed=0)
@@ -506,6 +507,48 @@ def test_critic_with_its_own_forward_is_regressed_through_it() -> None:
     th.nn.functional.mse_loss(values, samples.returns.flatten()).backward()
     for gradient, param in zip(gradients, model.critic_parameters, strict=True):
         assert th.allclose(gradient, param.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", [NPG, TRPO, PPOKL, ACKTR])
+def test_a_policy_overriding_evaluate_actions_is_refused(algo: type[NPG]) -> None:
+    class OwnEvaluation(ActorCriticPolicy):
+        def evaluate_actions(self, obs: Any, actions: th.Tensor) -> Any:
+            return super().evaluate_actions(obs, actions)
+
+    with pytest.raises(TypeError, match="evaluate_actions"):
+        algo(OwnEvaluation, make_vec_env("Pendulum-v1", n_envs=1, seed=0))
+
+
+@pytest.mark.parametrize("algo", [NPG, PPOKL, ACKTR])
+def test_the_rollout_and_the_update_use_a_policy_s_own_values_and_distribution(algo: type[NPG]) -> None:
+    class OwnValuesAndLaw(ActorCriticPolicy):
+        def predict_values(self, obs: Any) -> th.Tensor:
+            return super().predict_values(obs) + 100.0
+
+        def get_distribution(self, obs: Any) -> Any:
+            distribution = super().get_distribution(obs)
+            return distribution.proba_distribution(distribution.distribution.mean + 3.0, self.log_std)
+
+    class CheckRollout(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            # The buffer before the update: the policy's own values and log-probabilities, as the update will see them
+            samples = next(self.model.rollout_buffer.get(batch_size=None))
+            with th.no_grad():
+                values, distribution = values_and_distribution(self.model.policy, samples.observations)
+                stock_values = ActorCriticPolicy.predict_values(self.model.policy, samples.observations)
+            assert th.allclose(values.flatten(), stock_values.flatten() + 100.0)
+            assert th.allclose(samples.old_values, values.flatten())
+            assert th.allclose(samples.old_log_prob, distribution.log_prob(samples.actions))
+            own_mean = self.model.policy.get_distribution(samples.observations).distribution.mean
+            assert th.allclose(distribution.distribution.mean, own_mean)
+            self.checked = True
+
+    callback = CheckRollout()
+    algo(OwnValuesAndLaw, make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=128, seed=0).learn(128, callback=callback)
+    assert getattr(callback, "checked", False)
 
 
 @pytest.mark.parametrize("algo", [NPG, TRPO, PPOKL])

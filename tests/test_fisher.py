@@ -1,4 +1,5 @@
 import copy
+from typing import Any
 
 import gymnasium as gym
 import pytest
@@ -165,6 +166,20 @@ def test_detached_distribution_survives_policy_reuse() -> None:
     policy.get_distribution(th.randn(4, 3))  # SB3 reuses its Distribution object
     assert th.equal(old.distribution.logits, logits_before)
     assert not old.distribution.logits.requires_grad
+
+
+def test_actor_critic_split_sees_through_a_wrapped_distribution() -> None:
+    class WrappedGaussianPolicy(ActorCriticPolicy):
+        def get_distribution(self, obs: th.Tensor) -> Any:
+            distribution = copy.copy(super().get_distribution(obs))
+            distribution.distribution = th.distributions.Independent(distribution.distribution, 1)
+            return distribution
+
+    policy = WrappedGaussianPolicy(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,)), lambda _: 1e-3, net_arch=[4])
+    actor, critic = split_actor_critic_parameters(policy)
+    assert id(policy.log_std) in {id(p) for p in actor}
+    assert {id(p) for p in policy.action_net.parameters()} <= {id(p) for p in actor}
+    assert {id(p) for p in policy.value_net.parameters()} <= {id(p) for p in critic}
 
 
 @pytest.mark.parametrize("share", [True, False])

@@ -17,6 +17,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trust.common.mlp import LinearStack
+from sb3_trust.common.policies import check_policy_methods, values_and_distribution
 
 SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustOnPolicyAlgorithm")
 
@@ -74,6 +75,10 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        check_policy_methods(self.policy)
 
     def _check_rollout_size(self) -> None:
         """
@@ -246,8 +251,9 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             else:
                 obs_chunk = flat_obs[chunk]
             obs_tensor: th.Tensor | TensorDict = obs_as_tensor(obs_chunk, self.device)  # type: ignore[arg-type]
-            chunk_values, chunk_log_probs, _ = self.policy.evaluate_actions(obs_tensor, flat_actions[chunk])  # type: ignore[arg-type]
+            # The values and the law that the updates use (values_and_distribution), not SB3's forward()
+            chunk_values, distribution = values_and_distribution(self.policy, obs_tensor)
             values[chunk] = chunk_values.flatten().cpu().numpy()
-            log_probs[chunk] = chunk_log_probs.flatten().cpu().numpy()
+            log_probs[chunk] = distribution.log_prob(flat_actions[chunk]).flatten().cpu().numpy()
         rollout_buffer.values[:] = values.reshape(rollout_buffer.values.shape)
         rollout_buffer.log_probs[:] = log_probs.reshape(rollout_buffer.log_probs.shape)

@@ -4,15 +4,49 @@ import torch as th
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
+from torch.distributions import Distribution as TorchDistribution
 
 from sb3_trust.common.distributions import torch_distributions
 
 
-def _distribution_tensors(distribution: Distribution) -> list[th.Tensor]:
+def _graph_tensors(part: TorchDistribution) -> list[th.Tensor]:
+    # Those of a nested distribution as well: an Independent or a TransformedDistribution keeps its own in base_dist
     tensors: list[th.Tensor] = []
-    for part in torch_distributions(distribution):
-        tensors.extend(value for value in vars(part).values() if isinstance(value, th.Tensor) and value.requires_grad)
+    for value in vars(part).values():
+        if isinstance(value, th.Tensor) and value.requires_grad:
+            tensors.append(value)
+        elif isinstance(value, TorchDistribution):
+            tensors.extend(_graph_tensors(value))
     return tensors
+
+
+def _distribution_tensors(distribution: Distribution) -> list[th.Tensor]:
+    return [tensor for part in torch_distributions(distribution) for tensor in _graph_tensors(part)]
+
+
+def _overrides(policy: ActorCriticPolicy, names: tuple[str, ...]) -> list[str]:
+    """
+    :param policy: a policy
+    :param names: names of ``ActorCriticPolicy`` methods
+    :return: those that the policy's class overrides
+    """
+    return [name for name in names if getattr(type(policy), name) is not getattr(ActorCriticPolicy, name)]
+
+
+def check_policy_methods(policy: ActorCriticPolicy) -> None:
+    """
+    Refuse a policy whose class overrides ``evaluate_actions``: SB3's PPO and A2C train through it, but every update
+    here needs the action distribution itself (for the KL and the Fisher matrix), which it does not return.
+
+    :param policy: the policy of an sb3_trust algorithm
+    :raises TypeError: when its class overrides ``evaluate_actions``
+    """
+    if _overrides(policy, ("evaluate_actions",)):
+        raise TypeError(
+            f"{type(policy).__name__} overrides evaluate_actions, which sb3_trust's algorithms never call: their updates "
+            "need the action distribution itself (for the KL and the Fisher matrix). Override get_distribution (or "
+            "_get_action_dist_from_latent) and predict_values instead: both are used by the rollout and the updates."
+        )
 
 
 def _reachable(outputs: list[th.Tensor], params: list[nn.Parameter]) -> list[bool]:
@@ -55,12 +89,15 @@ def values_and_distribution(
     policy: ActorCriticPolicy, obs: th.Tensor | dict[str, th.Tensor]
 ) -> tuple[th.Tensor, Distribution]:
     """
-    The critic's values and the actor's action distribution, from one forward pass of the policy.
+    The critic's values and the actor's action distribution: from one forward pass through the policy's parts, or
+    from its own ``predict_values`` and ``get_distribution`` when its class overrides either.
 
     :param policy: the policy
     :param obs: observations
     :return: values, action distribution
     """
+    if _overrides(policy, ("predict_values", "get_distribution")):
+        return policy.predict_values(obs), policy.get_distribution(obs)
     features = policy.extract_features(obs)
     if policy.share_features_extractor:
         latent_pi, latent_vf = policy.mlp_extractor(features)
