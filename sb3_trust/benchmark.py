@@ -608,7 +608,7 @@ def learning_run(task: RunTask) -> dict[str, Any]:
         "threads": task.threads,
         "device": task.device,
         # What made the run: --resume may report it together with runs made by other code
-        "code": f"sb3_trust {sb3_trust.__version__} (git {_git_revision()})",
+        "code": code_version(),
         "wall_time_s": wall_time,
         "episodes": recorder.episodes,
         "eval_returns": [float(value) for value in returns],  # type: ignore[union-attr]
@@ -665,13 +665,13 @@ def _speed_identity(
     return json.loads(json.dumps(identity, default=repr))
 
 
-def load_speed_samples(path: Path, identity: dict[str, Any]) -> list[SpeedSample] | None:
+def load_speed_samples(path: Path, identity: dict[str, Any]) -> tuple[list[SpeedSample], str] | None:
     """
     A saved speed measurement, for ``--resume``.
 
     :param path: its JSON file
     :param identity: what it must have been measured with (from :func:`_speed_identity`)
-    :return: the timings, or None when there is no such file
+    :return: the timings and when and by what code they were measured, or None when there is no such file
     :raises ValueError: when it was measured with other settings, or saved without them (before they were recorded)
     """
     if not path.exists():
@@ -681,7 +681,8 @@ def load_speed_samples(path: Path, identity: dict[str, Any]) -> list[SpeedSample
         raise ValueError(
             f"{path} holds a speed measurement made with other settings (or saved without them): choose another --output"
         )
-    return [SpeedSample(**sample) for sample in saved["samples"]]
+    provenance = f"{saved.get('date', 'date not recorded')}, {saved.get('code', 'code version not recorded')}"
+    return [SpeedSample(**sample) for sample in saved["samples"]], provenance
 
 
 def load_finished_run(task: RunTask) -> dict[str, Any] | None:
@@ -914,12 +915,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def speed_report(pair: Pair, samples: list[SpeedSample], updates: int, threads: int) -> str:
+def speed_report(pair: Pair, samples: list[SpeedSample], updates: int, threads: int, provenance: str) -> str:
     """
     :param pair: the comparison
     :param samples: the timings of one environment
     :param updates: timed iterations per model
     :param threads: torch threads
+    :param provenance: when and by what code they were measured (a resumed report's header gives today's)
     :return: the Markdown section of the speed mode
     """
     by_side = {side: [sample for sample in samples if sample.side == side] for side in SIDES}
@@ -950,7 +952,7 @@ def speed_report(pair: Pair, samples: list[SpeedSample], updates: int, threads: 
     return "\n\n".join(
         [
             f"## Speed: {updates} timed updates per model after 1 warm-up update, torch threads {threads}, "
-            f"seeds {seeds}, ours and peer alternating update by update",
+            f"seeds {seeds}, ours and peer alternating update by update; measured {provenance}",
             markdown_table(
                 ["quantity (mean ± std over seeds)", f"ours: {pair.ours}", f"peer: {pair.peer}", "ratio ours / peer"], rows
             ),
@@ -1050,9 +1052,16 @@ def machine_info(threads: int) -> str:
         f"OS: {platform.platform()}; Python {platform.python_version()}",
         f"torch {th.__version__} ({threads} thread(s)), stable-baselines3 {stable_baselines3.__version__}, "
         f"sb3-contrib {version('sb3_contrib')}, gymnasium {gymnasium.__version__}, numpy {np.__version__}, "
-        f"sb3_trust {sb3_trust.__version__} (git {_git_revision()})",
+        f"{code_version()}",
     ]
     return "\n".join(f"- {item}" for item in items)
+
+
+def code_version() -> str:
+    """
+    :return: the package version and git revision that is running (recorded with every run and speed measurement)
+    """
+    return f"sb3_trust {sb3_trust.__version__} (git {_git_revision()})"
 
 
 def _git_revision() -> str:
@@ -1269,19 +1278,36 @@ def main(argv: list[str] | None = None) -> int:
         if speed_mode and args.resume
         else {}
     )
+    # Reports and curves are rebuilt from the saved runs only with --resume: otherwise another command's would be lost
+    derived = [output / f"{args.algo}_{env_id}_{args.mode}.md" for env_id in args.env]
+    derived += [output / f"{args.algo}_{env_id}_curve.png" for env_id in args.env] if returns_mode else []
+    existing = [str(path) for path in derived if path.exists()]
+    if existing and not args.resume:
+        raise FileExistsError(
+            f"{existing[0]} is already there (from another command): add --resume to rebuild it from the saved runs and "
+            "measurements, or choose another --output"
+        )
     finished = [load_finished_run(task) for task in tasks] if returns_mode and args.resume else [None] * len(tasks)
 
     if speed_mode:
         th.set_num_threads(args.threads)
         for env_id, setting in settings.items():
-            samples = saved_samples.get(env_id)
-            if samples is None:
+            saved_measurement = saved_samples.get(env_id)
+            if saved_measurement is None:
                 samples = measure_speed(pair, setting, args.seeds, args.speed_updates, args.device)
-                measurement = {"identity": speed_identities[env_id], "samples": [asdict(sample) for sample in samples]}
+                code = code_version()
+                measurement = {
+                    "identity": speed_identities[env_id],
+                    "date": date,
+                    "code": code,
+                    "samples": [asdict(sample) for sample in samples],
+                }
                 _write_json(speed_paths[env_id], measurement)
+                provenance = f"{date}, {code}"
             else:
+                samples, provenance = saved_measurement
                 _progress(f"{args.algo}_{env_id}: speed measurement read from {speed_paths[env_id]}")
-            sections[env_id].append(speed_report(pair, samples, args.speed_updates, args.threads))
+            sections[env_id].append(speed_report(pair, samples, args.speed_updates, args.threads, provenance))
 
     errors: list[str] = []
     if returns_mode:

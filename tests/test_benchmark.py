@@ -144,6 +144,18 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
     resumed_report = (tmp_path / "trpo_CartPole-v1_all.md").read_text()
     assert _speed_rows(resumed_report) == _speed_rows(report) and _speed_rows(report)
+    # the resumed report says when and by what code the timings were made, not only today's date and code
+    measured = json.loads(speed.read_text())
+    assert measured["code"].startswith("sb3_trust ") and measured["date"]
+    assert f"measured {measured['date']}, {measured['code']}" in resumed_report
+
+    # another command in the same folder (other seeds: no saved run of its own) leaves the reports and curves alone
+    curve = tmp_path / "trpo_CartPole-v1_curve.png"
+    derived = {path: path.stat().st_mtime_ns for path in (curve, tmp_path / "trpo_CartPole-v1_returns.md")}
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(tmp_path, "--mode", "returns", "--seeds", "5")
+    assert {path: path.stat().st_mtime_ns for path in derived} == derived
+    assert not (tmp_path / "runs" / "trpo_CartPole-v1_ours_seed5.json").exists()
     with pytest.raises(ValueError, match="other settings"):
         _run(tmp_path, "--mode", "speed", "--resume", "--speed-updates", "2")
 
