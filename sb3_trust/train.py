@@ -363,13 +363,15 @@ def main(argv: list[str] | None = None) -> float:
     policy = resolve_policy(run.get("policy", "MlpPolicy"))
     model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
-    model.learn(timesteps, progress_bar=args.progress_bar)
-
-    checkpoint = unused_checkpoint_path(Path(args.output), f"{algo}_{env_name}_seed{args.seed}")
-    model.save(checkpoint)
-    vec_normalize = model.get_vec_normalize_env()
-    if vec_normalize is not None:
-        vec_normalize.save(str(checkpoint.with_suffix(".vecnormalize.pkl")))
+    checkpoint_stem = f"{algo}_{env_name}_seed{args.seed}"
+    try:
+        model.learn(timesteps, progress_bar=args.progress_bar)
+    except KeyboardInterrupt:
+        # As rl-zoo3 does: an interrupted run keeps what it learned (a long run is hours of computation)
+        checkpoint = save_model(model, Path(args.output), checkpoint_stem)
+        print(f"Interrupted after {model.num_timesteps} steps, not evaluated. Checkpoint: {checkpoint.resolve()}")
+        raise SystemExit(130) from None
+    checkpoint = save_model(model, Path(args.output), checkpoint_stem)
 
     # On one fresh environment, as rl-zoo3 evaluates, with the training run's normalization statistics
     eval_env = build_env(args.env, run, args.seed + EVAL_SEED_OFFSET, gamma, n_envs=1, evaluation=True)
@@ -382,6 +384,22 @@ def main(argv: list[str] | None = None) -> float:
     print(f"Mean return over {args.eval_episodes} episodes: {mean_return:.1f} +/- {std_return:.1f}")
     print(f"Checkpoint: {checkpoint.resolve()}")
     return float(mean_return)  # type: ignore[arg-type]
+
+
+def save_model(model: TrustOnPolicyAlgorithm, folder: Path, stem: str) -> Path:
+    """
+    :param model: a trained model
+    :param folder: the output folder
+    :param stem: the run's name
+    :return: its checkpoint, under a name no earlier run has (:func:`unused_checkpoint_path`); its ``VecNormalize``
+        statistics, if any, are saved beside it (``.vecnormalize.pkl``)
+    """
+    checkpoint = unused_checkpoint_path(folder, stem)
+    model.save(checkpoint)
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is not None:
+        vec_normalize.save(str(checkpoint.with_suffix(".vecnormalize.pkl")))
+    return checkpoint
 
 
 if __name__ == "__main__":

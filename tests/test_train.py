@@ -43,6 +43,25 @@ def test_train_never_overwrites_an_earlier_run(tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "trpo_HalfCheetah-v5_seed0_2.vecnormalize.pkl").read_bytes() == b"user data"
 
 
+def test_an_interrupted_run_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    learn = TRPO.learn
+
+    def interrupted_learn(self: TRPO, *args: Any, **kwargs: Any) -> TRPO:
+        learn(self, 64)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TRPO, "learn", interrupted_learn)
+    with pytest.raises(SystemExit) as stop:
+        main(["--algo", "trpo", "--env", "HalfCheetah-v5", "--timesteps", "1000000", "--output", str(tmp_path)])
+    assert stop.value.code == 130
+    checkpoint = tmp_path / "trpo_HalfCheetah-v5_seed0.zip"
+    assert checkpoint.with_suffix(".vecnormalize.pkl").exists()
+    assert TRPO.load(checkpoint).num_timesteps == 2048  # one rollout of the entry's 2 envs × 1024 steps
+    assert f"Interrupted after 2048 steps, not evaluated. Checkpoint: {checkpoint.resolve()}" in capsys.readouterr().out
+
+
 def test_checkpoint_names_count_up_from_the_highest(tmp_path: Path) -> None:
     stem = "trpo_ALE/Pong.v5_seed0"  # a folder in the id, and a dot in the name
     first = train.unused_checkpoint_path(tmp_path, stem)
