@@ -282,7 +282,7 @@ def unused_checkpoint_path(folder: Path, stem: str) -> Path:
 
 
 def build_env(
-    env_id: str, run: dict[str, Any], seed: int, gamma: float, n_envs: int | None = None, evaluation: bool = False
+    env_id: str, run: dict[str, Any], seed: int, gamma: float | None, n_envs: int | None = None, evaluation: bool = False
 ) -> VecEnv:
     """
     The vectorized environment that a zoo entry's run keys describe.
@@ -290,7 +290,8 @@ def build_env(
     :param env_id: Gymnasium environment id
     :param run: the entry's run keys (``split_run_keys``)
     :param seed: seed of the environments
-    :param gamma: the algorithm's discount (for ``VecNormalize``'s return statistics)
+    :param gamma: the algorithm's discount, when the entry sets it: ``VecNormalize``'s return statistics use it, over a
+        ``gamma`` of the entry's ``normalize`` (as in rl-zoo3)
     :param n_envs: number of environments (default: the entry's ``n_envs``, else 1)
     :param evaluation: a ``VecNormalize`` that neither updates its statistics nor normalizes rewards
     :return: the environment, with its wrappers, normalization and frame stack
@@ -307,7 +308,9 @@ def build_env(
     if normalize is not None:
         if evaluation:
             normalize.update(training=False, norm_reward=False)
-        env = VecNormalize(env, **{"gamma": gamma, **normalize})
+        if gamma is not None:
+            normalize["gamma"] = gamma
+        env = VecNormalize(env, **normalize)
     if run.get("frame_stack"):
         # After the normalization, as rl-zoo3 stacks them
         env = VecFrameStack(env, n_stack=int(run["frame_stack"]))
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> float:
     hyperparameters = linear_schedules(hyperparameters)
     timesteps = args.timesteps if args.timesteps is not None else int(float(run.get("n_timesteps", 100_000)))
 
-    gamma = float(hyperparameters.get("gamma", 0.99))
+    gamma = float(hyperparameters["gamma"]) if "gamma" in hyperparameters else None
     env = build_env(args.env, run, args.seed, gamma)
     policy = resolve_policy(run.get("policy", "MlpPolicy"))
     model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)

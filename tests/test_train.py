@@ -245,3 +245,12 @@ def test_train_evaluates_on_a_fresh_environment_with_the_training_statistics(
     assert isinstance(evaluation, VecNormalize) and evaluation.num_envs == 1 and training.num_envs == 2
     assert not evaluation.training and not evaluation.norm_reward
     assert np.array_equal(evaluation.obs_rms.mean, training.obs_rms.mean) and evaluation.obs_rms is not training.obs_rms
+
+
+def test_the_algorithm_s_gamma_wins_over_the_normalization_s() -> None:
+    # As in rl-zoo3: VecNormalize discounts its return statistics with the algorithm's gamma when the entry sets one
+    run = {"normalize": {"gamma": 0.5}}
+    for gamma, expected in ((0.9, 0.9), (None, 0.5)):
+        env = train.build_env("Pendulum-v1", run, 0, gamma)
+        assert isinstance(env, VecNormalize) and env.gamma == expected
+        env.close()
