@@ -1278,14 +1278,16 @@ def main(argv: list[str] | None = None) -> int:
         if speed_mode and args.resume
         else {}
     )
-    # Reports and curves are rebuilt from the saved runs only with --resume: otherwise another command's would be lost
+    # A report or curve is replaced only on purpose (--resume): it is rebuilt for this command's seeds from the saved
+    # runs, which are never lost, so any earlier report can be rebuilt the same way
     derived = [output / f"{args.algo}_{env_id}_{args.mode}.md" for env_id in args.env]
     derived += [output / f"{args.algo}_{env_id}_curve.png" for env_id in args.env] if returns_mode else []
     existing = [str(path) for path in derived if path.exists()]
     if existing and not args.resume:
         raise FileExistsError(
-            f"{existing[0]} is already there (from another command): add --resume to rebuild it from the saved runs and "
-            "measurements, or choose another --output"
+            f"{existing[0]} is already there (from another command): choose another --output, or add --resume to "
+            "replace it with this command's report, built from the runs saved in the folder (a report of other seeds "
+            "is rebuilt from them the same way)"
         )
     finished = [load_finished_run(task) for task in tasks] if returns_mode and args.resume else [None] * len(tasks)
 

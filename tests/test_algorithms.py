@@ -542,8 +542,11 @@ def test_the_rollout_and_the_update_use_a_policy_s_own_values_and_distribution(a
             assert th.allclose(values.flatten(), stock_values.flatten() + 100.0)
             assert th.allclose(samples.old_values, values.flatten())
             assert th.allclose(samples.old_log_prob, distribution.log_prob(samples.actions))
+            stock_mean = ActorCriticPolicy.get_distribution(self.model.policy, samples.observations).distribution.mean.clone()
             own_mean = self.model.policy.get_distribution(samples.observations).distribution.mean
-            assert th.allclose(distribution.distribution.mean, own_mean)
+            assert th.allclose(distribution.distribution.mean, own_mean) and th.allclose(own_mean, stock_mean + 3.0)
+            # ... and the law that drew the actions (σ = 1: the mean residual of 128 draws is well within 0.5)
+            assert abs((samples.actions - own_mean).mean().item()) < 0.5
             self.checked = True
 
     callback = CheckRollout()

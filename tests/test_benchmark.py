@@ -1,5 +1,6 @@
 """The benchmark command: its sample-efficiency measure, a whole small run, and ``--resume``."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -189,3 +190,11 @@ def test_speed_alternates_the_sides_update_by_update(monkeypatch: pytest.MonkeyP
     assert (ours.side, ours.seed, ours.steps, ours.learn_time) == ("ours", 7, 30, 1.5)
     assert ours.train_times == pytest.approx([0.1, 0.3, 0.5]) and peer.train_times == pytest.approx([0.2, 0.4, 0.6])
     assert peer.throughput == pytest.approx(10.0)
+
+
+def test_a_speed_measurement_saved_without_its_provenance_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "speed.json"
+    sample = benchmark.SpeedSample("ours", 0, 10, 0.5, [0.1])
+    path.write_text(json.dumps({"identity": {"k": 1}, "samples": [dataclasses.asdict(sample)]}))
+    samples, provenance = benchmark.load_speed_samples(path, {"k": 1})  # type: ignore[misc]
+    assert samples == [sample] and provenance == "date not recorded, code version not recorded"

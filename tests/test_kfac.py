@@ -330,6 +330,28 @@ def test_only_free_parameters_trainable() -> None:
     assert bool((model.log_std < before).all())
 
 
+@pytest.mark.parametrize("uncaptured_update", [0, 1])
+def test_a_forward_pass_outside_capture_is_refused(uncaptured_update: int) -> None:
+    th.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = KFAC(model)
+    inputs = th.randn(8, 3)
+    for update in range(uncaptured_update + 1):
+        if update < uncaptured_update:
+            with optimizer.capture():
+                output = model(inputs)
+        else:
+            output = model(inputs)
+        loss, fisher_loss = output.pow(2).mean(), (output - th.randn_like(output)).pow(2).mean()
+        if update < uncaptured_update:
+            optimizer.backward(loss, fisher_loss, batch_size=8)
+            optimizer.step()
+        else:
+            with pytest.raises(ValueError, match="inside capture"):
+                optimizer.backward(loss, fisher_loss, batch_size=8)
+    assert len(optimizer.blocks) == 1  # not demoted to a diagonal preconditioner
+
+
 def test_ordinary_backward_does_not_touch_the_statistics() -> None:
     network, optimizer, _ = _prepared(lr=0.25, kl_clip=1e-3)
     factor_a, factor_g = (factor.clone() for factor in optimizer.kronecker_factors(network[2]))

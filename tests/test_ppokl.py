@@ -7,6 +7,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
@@ -351,3 +352,33 @@ def test_rollout_passes_are_chunked_unless_the_distribution_cannot_be_concatenat
     # go through evaluate_actions, not get_distribution
     expected = [7] * 18 + [2] if concatenable else [7, 128]
     assert batch_sizes == expected + ([7] * 18 + [2] if concatenable else [128])
+
+
+class NormalSubclass(th.distributions.Normal):
+    """A distribution whose rows are not selected here (a subclass may hold other state)."""
+
+
+class SubclassedNormalPolicy(ActorCriticPolicy):
+    def get_distribution(self, obs: Any) -> Any:
+        distribution = super().get_distribution(obs)
+        gaussian = distribution.distribution
+        distribution.distribution = NormalSubclass(gaussian.loc, gaussian.scale, validate_args=False)
+        return distribution
+
+
+def test_a_distribution_whose_rows_cannot_be_selected_trains_with_the_sampled_kl(monkeypatch: pytest.MonkeyPatch) -> None:
+    # π_old in one pass, minibatch KLs from samples (mean((r - 1) - log r)), the rollout KL analytic (all rows at once)
+    monkeypatch.setattr(on_policy, "EVALUATION_CHUNK_SIZE", 7)
+    model = PPOKL(SubclassedNormalPolicy, make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
+    recorder = RolloutKLRecorder(model)
+    analytic_calls: list[int] = []
+    mean_kl_of = ppokl_module.mean_kl
+    monkeypatch.setattr(
+        ppokl_module, "mean_kl", lambda old, new: analytic_calls.append(len(new.distribution.loc)) or mean_kl_of(old, new)
+    )
+    model.learn(2 * 128)
+    assert len(recorder.records) == 2
+    for _, kl, _, logged in recorder.records:
+        assert kl > 0 and logged["train/kl_divergence"] == pytest.approx(kl, rel=1e-5)
+    assert analytic_calls == [128, 128]  # only the rollout KL of each update: no minibatch was selected
+    assert all(bool(th.isfinite(param).all()) for param in model.policy.parameters())

@@ -3,9 +3,10 @@ KL divergences and Fisher metrics of the action distributions that SB3's on-poli
 
 An SB3 ``Distribution`` wraps one torch distribution (``Normal``, ``Categorical``, ``Bernoulli``) or, for
 ``MultiCategoricalDistribution``, a list of ``Categorical``. Everything here works on those torch objects,
-so a custom SB3 distribution built from them (also inside an ``Independent`` or a ``TransformedDistribution``) is
-supported as well. Any other torch distribution can be detached and gets the KL-Hessian Fisher product; its rows
-are not selected or concatenated (a ``TypeError`` says so, and PPOKL then estimates its KL from samples).
+so a custom SB3 distribution built from them (also inside an ``Independent``, or a ``TransformedDistribution``
+through element-wise transforms such as tanh) is supported as well. Any other torch distribution (a subclass of
+``Normal`` included) can be detached and gets the KL-Hessian Fisher product; its rows are not selected or
+concatenated (a ``TypeError`` says so, and PPOKL then estimates its KL from samples).
 """
 
 import copy
@@ -16,6 +17,15 @@ import torch as th
 from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
 from torch.distributions import Bernoulli, Categorical, Independent, Normal, TransformedDistribution
 from torch.distributions import Distribution as TorchDistribution
+from torch.distributions.transforms import (
+    AbsTransform,
+    AffineTransform,
+    ExpTransform,
+    SigmoidTransform,
+    SoftplusTransform,
+    TanhTransform,
+    Transform,
+)
 
 # Applies the distribution's Fisher matrix M (in its own parameters) to a list of per-sample tangent vectors
 FisherMetric = Callable[[list[th.Tensor]], list[th.Tensor]]
@@ -57,12 +67,25 @@ def sample_independently(distribution: Distribution) -> th.Tensor:
 _REBUILT_TORCH_DISTRIBUTIONS = (Normal, Categorical, Bernoulli)
 
 
+# Transforms without per-row state that compare equal by value (torch's __eq__), the only ones a
+# TransformedDistribution's rows are selected or concatenated with
+_ROW_FREE_TRANSFORMS = (TanhTransform, SigmoidTransform, ExpTransform, SoftplusTransform, AbsTransform)
+
+
+def _is_row_free(transform: Transform) -> bool:
+    if type(transform) is AffineTransform:
+        affine = cast(AffineTransform, transform)
+        return isinstance(affine.loc, (int, float)) and isinstance(affine.scale, (int, float))
+    return type(transform) in _ROW_FREE_TRANSFORMS
+
+
 def _can_rebuild(part: TorchDistribution) -> bool:
     """
     :param part: a torch distribution
-    :return: whether its rows can be selected or concatenated here: it is Normal, Categorical or Bernoulli exactly,
-        or an ``Independent`` of such, or a ``TransformedDistribution`` of such whose transforms hold no tensors
-        (a tensor there may be per row, and would not be selected with the rows)
+    :return: whether its rows can be selected or concatenated here: it is Normal, Categorical or Bernoulli exactly
+        (a subclass may hold other state or compute otherwise), or an ``Independent`` of such, or a
+        ``TransformedDistribution`` of such through element-wise transforms without tensors (``_ROW_FREE_TRANSFORMS``,
+        or an ``AffineTransform`` with numbers)
     """
     if type(part) in _REBUILT_TORCH_DISTRIBUTIONS:
         return True
@@ -70,9 +93,7 @@ def _can_rebuild(part: TorchDistribution) -> bool:
         return _can_rebuild(cast(Independent, part).base_dist)
     if type(part) is TransformedDistribution:
         transformed = cast(TransformedDistribution, part)
-        return _can_rebuild(transformed.base_dist) and not any(
-            isinstance(value, th.Tensor) for transform in transformed.transforms for value in vars(transform).values()
-        )
+        return _can_rebuild(transformed.base_dist) and all(_is_row_free(transform) for transform in transformed.transforms)
     return False
 
 
@@ -89,8 +110,8 @@ def _rebuild_torch_distribution(
     if not all(_can_rebuild(part) and type(part) is type(first) for part in parts):
         kinds = sorted({type(part).__name__ for part in parts})
         raise TypeError(
-            f"Only the rows of Normal, Categorical or Bernoulli distributions of one kind (or of an Independent or a "
-            f"tensor-free TransformedDistribution of them) are selected or concatenated here, not {kinds}"
+            f"Only the rows of Normal, Categorical or Bernoulli distributions of one kind (or of an Independent or an "
+            f"element-wise TransformedDistribution of them) are selected or concatenated here, not {kinds}"
         )
     if isinstance(first, Normal):
         normals = cast(list[Normal], list(parts))
@@ -158,7 +179,7 @@ def can_concatenate(distribution: Distribution) -> bool:
     :param distribution: an SB3 distribution on which ``proba_distribution`` has been called
     :return: whether distributions like it can be concatenated, and rows of it selected (its torch parts are
         Normal, Categorical or Bernoulli exactly, possibly inside an ``Independent`` or a ``TransformedDistribution``
-        without tensors in its transforms)
+        through element-wise transforms without tensors: see ``_can_rebuild``)
     """
     return all(_can_rebuild(part) for part in torch_distributions(distribution))
 

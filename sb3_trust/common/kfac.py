@@ -304,6 +304,9 @@ class KFAC(Optimizer):
         :param fisher_loss: the scalar Fisher loss
         :param batch_size: the number of samples (rows) of the forward pass
         """
+        if self.blocks and not self._captured_outputs()[0]:
+            # (Checked before the first update's demotion, which would take every uncaptured layer for a shared one)
+            raise ValueError("K-FAC.backward: no call of a K-FAC layer was captured: run the forward pass inside capture()")
         if not self._blocks_checked:
             self._demote_blocks_with_other_uses(loss)
         index, outputs = self._captured_outputs()

@@ -26,7 +26,8 @@ SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, sp
 # Rollout states are re-evaluated in chunks of this many samples (bounds memory for image observations)
 EVALUATION_CHUNK_SIZE = 2048
 # The ActorCriticPolicy methods that define the law of a rollout's actions: a policy class that overrides any of them
-# draws its actions through its own forward(), as in SB3's rollout
+# draws its actions through its own get_distribution() when it overrides that (the law the updates use), else through
+# its own forward(), as in SB3's rollout
 ACTION_LAW_METHODS = ("forward", "extract_features", "get_distribution", "_get_action_dist_from_latent")
 
 
@@ -189,12 +190,16 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         For SB3's own policy classes with a diagonal Gaussian or a categorical, SB3's ``Distribution`` wrappers
         (and torch's argument validation) cost more than the network itself at the batch sizes of a rollout, so
         the action is drawn from the actor's output directly, with the same law. Other distributions (gSDE,
-        multi-categorical, Bernoulli) go through ``get_distribution``; a policy class that overrides a method
-        defining the action law (``ACTION_LAW_METHODS``) is called as SB3's rollout calls it, ``policy(obs)``.
+        multi-categorical, Bernoulli) go through ``get_distribution``. A policy class that overrides
+        ``get_distribution`` draws from it: the rollout's log-probabilities and every update read that law
+        (``values_and_distribution``). One that overrides another method defining the action law
+        (``ACTION_LAW_METHODS``) is called as SB3's rollout calls it, ``policy(obs)``.
 
         :return: observations of the vectorized environment ↦ sampled actions
         """
         policy = self.policy
+        if type(policy).get_distribution is not ActorCriticPolicy.get_distribution:
+            return lambda obs_tensor: policy.get_distribution(obs_tensor).get_actions()
         if any(getattr(type(policy), name) is not getattr(ActorCriticPolicy, name) for name in ACTION_LAW_METHODS):
             return lambda obs_tensor: policy(obs_tensor)[0]
         if type(policy.action_dist) not in (DiagGaussianDistribution, CategoricalDistribution):
