@@ -19,6 +19,7 @@ from sb3_trust import ACKTR
 from sb3_trust.common.kfac import KFAC
 from sb3_trust.train import RUN_KEYS, load_hyperparameters
 from tests.test_algorithms import TinyImageEnv, action_space_envs
+from tests.test_updates import collect
 
 SMALL: dict[str, Any] = dict(n_steps=8, policy_kwargs=dict(net_arch=[16]), seed=0)
 LOGGED = (
@@ -217,6 +218,36 @@ def test_gsde_fisher_actions_are_drawn_independently_per_row(squash_output: bool
     monkeypatch.setattr(acktr_module, "sample_independently", lambda dist: calls.append(dist) or sample_independently(dist))
     model.learn(16)
     assert len(calls) == 2
+
+
+def test_fisher_targets_are_the_sampled_actions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Fisher loss must use the fresh draws of sample_independently, not the rollout's actions (the same law at the
+    # first update, so only targets moved away from it tell the two apart): G of the Gaussian head is then
+    # E[((target - μ) / σ²)²] exactly
+    from sb3_trust.acktr import acktr as acktr_module
+
+    settings = {**SMALL, "n_steps": 32}
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), **settings)
+    collect(model)
+    observations = th.as_tensor(model.rollout_buffer.observations.reshape(-1, 3))
+    with th.no_grad():
+        normal = model.policy.get_distribution(observations).distribution
+    targets = normal.mean + 3.0
+    monkeypatch.setattr(acktr_module, "sample_independently", lambda distribution: targets)
+    model.train()
+    _, factor_g = model.policy.optimizer.kronecker_factors(model.policy.action_net)
+    expected = (((targets - normal.mean) / normal.variance) ** 2).mean()
+    assert factor_g.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_value_head_fisher_factor_comes_from_the_noisy_value_targets() -> None:
+    # Fisher loss of the critic: vf_fisher_coef · mean((v − stopgrad(v + N(0, 1)))²), whose output gradient per sample
+    # is 2c·ε: G of the value head estimates E[(2cε)²] = 4c² (zero without the noise)
+    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=4, seed=0), **{**SMALL, "n_steps": 64})
+    model.learn(256)
+    _, factor_g = model.policy.optimizer.kronecker_factors(model.policy.value_net)
+    expected = 4 * model.vf_fisher_coef**2
+    assert 0.6 * expected < factor_g.item() < 1.4 * expected
 
 
 @pytest.mark.parametrize(

@@ -309,6 +309,31 @@ def test_free_parameters_get_a_diagonal_preconditioner() -> None:
     assert bool((model.log_std < before).all())  # a descent step against the positive gradient
 
 
+def test_free_parameter_step_is_the_gradient_over_its_damped_fisher_diagonal() -> None:
+    class WithLogStd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mean = nn.Linear(2, 1)
+            self.log_std = nn.Parameter(th.zeros(1))
+
+    th.manual_seed(0)
+    model = WithLogStd()
+    optimizer = KFAC(model, lr=0.1, momentum=0.0, damping=0.01, kl_clip=1e6)  # a trust region that never binds
+    inputs = th.randn(1000, 2)
+    with optimizer.capture():
+        distribution = th.distributions.Normal(model.mean(inputs), model.log_std.exp())
+    optimizer.backward((distribution.mean**2).mean(), -distribution.log_prob(distribution.sample()).mean(), len(inputs))
+    diagonal = optimizer.state[model.log_std]["diag"].item()
+    before = model.log_std.detach().clone()
+    optimizer.zero_grad()
+    model.log_std.grad = th.ones(1)
+    model.mean.weight.grad, model.mean.bias.grad = th.zeros_like(model.mean.weight), th.zeros_like(model.mean.bias)
+    optimizer.step()
+    assert optimizer.step_scale == 1.0
+    # Δ = ∇ / (diag F + λ): damped by λ itself, not by √λ as the factored blocks' π-split damping
+    assert (before - model.log_std).item() == pytest.approx(0.1 / (diagonal + 0.01), rel=1e-5)
+
+
 def test_only_free_parameters_trainable() -> None:
     # Fine-tuning the exploration noise alone: no layer is captured, the diagonal preconditioner does everything
     th.manual_seed(0)

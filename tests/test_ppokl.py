@@ -81,6 +81,22 @@ def test_kl_coef_adapts_after_each_update_from_the_rollout_kl(target_kl: float, 
             assert f"train/{key}" in logged
 
 
+def _after_one_update(target_kl: float) -> PPOKL:
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), target_kl=target_kl, **SMALL)
+    model.learn(128)
+    return model
+
+
+def test_kl_coef_reads_the_rollout_kl_at_the_band_edges() -> None:
+    # The same seed moves the policy by the same d whatever the target (β starts at 1 either way): targets 1% on
+    # either side of d/1.5 and 1.5·d pin the KL that the rule reads to within 1% of the logged rollout KL
+    kl = _after_one_update(1.0).logger.name_to_value["train/kl_divergence"]
+    assert _after_one_update(1.01 * kl / 1.5).kl_coef == 1.0
+    assert _after_one_update(0.99 * kl / 1.5).kl_coef == 2.0
+    assert _after_one_update(0.99 * 1.5 * kl).kl_coef == 1.0
+    assert _after_one_update(1.01 * 1.5 * kl).kl_coef == 0.5
+
+
 def test_kl_coef_stays_when_no_minibatch_moved_the_policy() -> None:
     model = PPOKL("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), target_kl=10.0, **SMALL)
     model.learn(64)

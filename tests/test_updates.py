@@ -269,6 +269,56 @@ def test_npg_step_and_logged_gain_match_a_dense_solve() -> None:
     assert logged["train/policy_objective"] == pytest.approx(gain, rel=1e-4)
 
 
+def test_trpo_logs_the_surrogate_gain_of_its_accepted_step() -> None:
+    # As NPG's: L(θ_new) − L(θ_old), which differs from L(θ_new) without advantage normalisation
+    env = make_vec_env("Pendulum-v1", n_envs=1, seed=0)
+    model = TRPO("MlpPolicy", env, n_steps=64, batch_size=64, normalize_advantage=False, **TINY)
+    collect(model)
+    surrogate = ImportanceSampledSurrogate(model.policy, next(model.rollout_buffer.get(batch_size=None)), False)
+    objective_before = surrogate.evaluate().objective.item()
+    assert abs(objective_before) > 1e-3
+    model.train()
+    logged = model.logger.name_to_value
+    assert logged["train/is_line_search_success"] == 1.0
+    with th.no_grad():
+        gain = surrogate.evaluate().objective.item() - objective_before
+    assert gain > 0 and logged["train/policy_objective"] == pytest.approx(gain, rel=1e-4)
+
+
+def test_logged_value_loss_is_the_last_critic_epoch_s_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=1, seed=0)
+    model = TRPO("MlpPolicy", env, n_steps=64, batch_size=16, n_critic_updates=3, learning_rate=0.1, **TINY)
+    collect(model)
+    losses: list[float] = []
+    regression_step = model._critic_regression_step
+
+    def recording_step() -> Any:
+        step = regression_step()
+
+        def recorded(inputs: Any, targets: th.Tensor) -> th.Tensor:
+            loss = step(inputs, targets)
+            losses.append(loss.item())
+            return loss
+
+        return recorded
+
+    monkeypatch.setattr(model, "_critic_regression_step", recording_step)
+    model.train()
+    assert len(losses) == 3 * 4  # epochs × minibatches
+    logged = model.logger.name_to_value["train/value_loss"]
+    assert logged == pytest.approx(np.mean(losses[-4:]), rel=1e-5)
+    assert logged != pytest.approx(np.mean(losses), rel=1e-2)
+
+
+def test_logged_explained_variance_is_of_the_rollout_values_for_its_returns() -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=64, batch_size=64, **TINY)
+    collect(model)
+    values, returns = model.rollout_buffer.values.flatten(), model.rollout_buffer.returns.flatten()
+    expected = 1 - np.var(returns - values) / np.var(returns)
+    model.train()
+    assert model.logger.name_to_value["train/explained_variance"] == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("algo", [NPG, TRPO])
 def test_step_to_a_policy_torch_refuses_is_not_taken(algo: type[NPG]) -> None:
     # A step that drives log σ to -1e4 makes σ underflow to 0, which torch's Normal refuses with a ValueError: the
