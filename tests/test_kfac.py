@@ -281,13 +281,16 @@ def test_failed_eigendecomposition_falls_back_to_the_damped_gradient(monkeypatch
         assert th.allclose(old - param, 0.25 * scale * grad / damping)
 
 
-def test_free_parameters_get_a_diagonal_preconditioner() -> None:
-    class WithLogStd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mean = nn.Linear(2, 1)
-            self.log_std = nn.Parameter(th.zeros(1))
+class WithLogStd(nn.Module):
+    """A Gaussian's mean as a K-FAC layer, and its log σ as a free parameter (as SB3's policies hold it)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean = nn.Linear(2, 1)
+        self.log_std = nn.Parameter(th.zeros(1))
+
+
+def test_free_parameters_get_a_diagonal_preconditioner() -> None:
     th.manual_seed(0)
     model = WithLogStd()
     optimizer = KFAC(model)
@@ -310,12 +313,6 @@ def test_free_parameters_get_a_diagonal_preconditioner() -> None:
 
 
 def test_free_parameter_step_is_the_gradient_over_its_damped_fisher_diagonal() -> None:
-    class WithLogStd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mean = nn.Linear(2, 1)
-            self.log_std = nn.Parameter(th.zeros(1))
-
     th.manual_seed(0)
     model = WithLogStd()
     optimizer = KFAC(model, lr=0.1, momentum=0.0, damping=0.01, kl_clip=1e6)  # a trust region that never binds
