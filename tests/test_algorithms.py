@@ -538,13 +538,16 @@ def test_the_rollout_and_the_update_use_a_policy_s_own_values_and_distribution(a
             samples = next(self.model.rollout_buffer.get(batch_size=None))
             with th.no_grad():
                 values, distribution = values_and_distribution(self.model.policy, samples.observations)
+                # (SB3's policies reuse one distribution object: keep this one's mean before the next call)
+                update_mean = distribution.distribution.mean.clone()
+                old_log_prob = distribution.log_prob(samples.actions)
                 stock_values = ActorCriticPolicy.predict_values(self.model.policy, samples.observations)
             assert th.allclose(values.flatten(), stock_values.flatten() + 100.0)
             assert th.allclose(samples.old_values, values.flatten())
-            assert th.allclose(samples.old_log_prob, distribution.log_prob(samples.actions))
+            assert th.allclose(samples.old_log_prob, old_log_prob)
             stock_mean = ActorCriticPolicy.get_distribution(self.model.policy, samples.observations).distribution.mean.clone()
             own_mean = self.model.policy.get_distribution(samples.observations).distribution.mean
-            assert th.allclose(distribution.distribution.mean, own_mean) and th.allclose(own_mean, stock_mean + 3.0)
+            assert th.allclose(update_mean, own_mean) and th.allclose(own_mean, stock_mean + 3.0)
             # ... and the law that drew the actions (σ = 1: the mean residual of 128 draws is well within 0.5)
             assert abs((samples.actions - own_mean).mean().item()) < 0.5
             self.checked = True

@@ -247,15 +247,23 @@ def _wrapped(loc: th.Tensor, kind: str) -> th.distributions.Distribution:
         return th.distributions.Independent(normal, 1)
     if kind == "transformed":
         return th.distributions.TransformedDistribution(normal, [th.distributions.transforms.TanhTransform()])
-    if kind == "affine-per-row":  # a transform with a tensor of its own, inside a composition
-        affine = th.distributions.transforms.AffineTransform(th.randn(len(loc), 1), 2.0)
-        return th.distributions.TransformedDistribution(normal, [th.distributions.transforms.ComposeTransform([affine])])
+    if kind == "affine-per-row":  # a transform with a tensor of its own: its rows would not be selected
+        return th.distributions.TransformedDistribution(
+            normal, [th.distributions.transforms.AffineTransform(loc.detach(), 2.0)]
+        )
+    if kind == "affine-numbers":
+        return th.distributions.TransformedDistribution(normal, [th.distributions.transforms.AffineTransform(0.5, 2.0)])
+    if kind == "composed":  # refused whatever it holds: only transforms known to be element-wise are rebuilt
+        tanh = th.distributions.transforms.TanhTransform()
+        return th.distributions.TransformedDistribution(normal, [th.distributions.transforms.ComposeTransform([tanh])])
     if kind == "beta":
         return th.distributions.Beta(loc.exp(), th.ones_like(loc))
     return type("NormalSubclass", (th.distributions.Normal,), {})(loc, th.full_like(loc, 0.5))
 
 
-@pytest.mark.parametrize("kind", ["independent", "transformed", "affine-per-row", "beta", "normal-subclass"])
+@pytest.mark.parametrize(
+    "kind", ["independent", "transformed", "affine-numbers", "affine-per-row", "composed", "beta", "normal-subclass"]
+)
 def test_wrapped_distributions_are_detached_selected_and_concatenated(kind: str) -> None:
     loc = th.randn(5, 2, requires_grad=True)
     distribution = DiagGaussianDistribution(2)
@@ -267,7 +275,7 @@ def test_wrapped_distributions_are_detached_selected_and_concatenated(kind: str)
     # Detached all the way down (a wrapper's base distribution included), with the same law
     assert not _log_prob(detached, actions).requires_grad
     assert th.equal(_log_prob(detached, actions), _log_prob(distribution, actions).detach())
-    if kind in ("affine-per-row", "beta", "normal-subclass"):
+    if kind in ("affine-per-row", "composed", "beta", "normal-subclass"):
         assert not can_concatenate(detached)
         with pytest.raises(TypeError, match="selected or concatenated"):
             select_distribution(detached, slice(0, 2))
