@@ -6,8 +6,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import pytest
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trust import benchmark
 
@@ -198,3 +201,99 @@ def test_a_speed_measurement_saved_without_its_provenance_says_so(tmp_path: Path
     path.write_text(json.dumps({"identity": {"k": 1}, "samples": [dataclasses.asdict(sample)]}))
     samples, provenance = benchmark.load_speed_samples(path, {"k": 1})  # type: ignore[misc]
     assert samples == [sample] and provenance == "date not recorded, code version not recorded"
+
+
+def _result(side: str, seed: int, eval_mean: float, episodes: list | None = None, timesteps: int = 1000) -> dict:
+    return {
+        "side": side,
+        "seed": seed,
+        "eval_mean": eval_mean,
+        "wall_time_s": 1.0,
+        "episodes": episodes or [],
+        "timesteps": timesteps,
+    }
+
+
+def _setting(threshold: float | None = None) -> benchmark.Setting:
+    return benchmark.Setting("CartPole-v1", 1, "MlpPolicy", None, 1000, {}, {}, True, threshold=threshold)
+
+
+def test_returns_report_gives_mean_std_and_the_ratio_ours_over_peer() -> None:
+    # B2, B4: the mean over seeds (not the median: 0, 0, 3 -> 1.0) and the ratio ours / peer (1.0 / 0.5 = 2)
+    results = [_result("ours", seed, value) for seed, value in enumerate((0.0, 0.0, 3.0))]
+    results += [_result("peer", seed, value) for seed, value in enumerate((0.0, 0.0, 1.5))]
+    report = benchmark.returns_report(benchmark.PAIRS["trpo"], _setting(), results, [], "", 10)
+    assert f"1.0 ± {np.std([0, 0, 3]):.1f} (n=3)" in report and "0.5 ± " in report
+    assert "**2.000**" in report
+
+
+def test_threshold_ratio_is_peer_over_ours() -> None:
+    # B11: ours reaches 10 at t=100, the peer at t=400: peer / ours = 4
+    fast = [(100, 10.0)]
+    slow = [(100, 0.0), (400, 30.0)]
+    results = [_result("ours", 0, 0.0, fast), _result("peer", 0, 0.0, slow)]
+    report = benchmark.threshold_report(benchmark.PAIRS["trpo"], _setting(10.0), results, smoothing=1)
+    assert "**4.000**" in report
+
+
+def test_speed_report_ratio_is_ours_over_peer() -> None:
+    # B3: ours' train() takes 0.1 s, the peer's 0.4 s: the train-time ratio is 0.250
+    samples = [benchmark.SpeedSample("ours", 0, 100, 1.0, [0.1]), benchmark.SpeedSample("peer", 0, 100, 1.0, [0.4])]
+    report = benchmark.speed_report(benchmark.PAIRS["trpo"], samples, 1, 1, "now")
+    train_row = next(line for line in report.splitlines() if line.startswith("| train() time"))
+    assert train_row.rstrip(" |").endswith("0.250")
+
+
+def test_a_shorter_saved_run_is_refused(tmp_path: Path) -> None:
+    # B5: a saved run may exceed the requested timesteps by less than one rollout (learn() finishes its rollout),
+    # never fall short of them
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", {"n_steps": 64, "batch_size": 64}, {}, 1000)
+    task = benchmark.RunTask("trpo", "ours", "sb3_trust.TRPO", setting, 0, 2, "cpu", 1, str(tmp_path))
+    identity = benchmark._run_identity(task)
+    task.result_path.parent.mkdir(parents=True)
+    for timesteps, accepted in ((1000 + 63 * setting.n_envs, True), (1000 - 1, False)):
+        task.result_path.write_text(json.dumps({**identity, "timesteps": timesteps, "eval_returns": [0.0, 0.0]}))
+        if accepted:
+            assert benchmark.load_finished_run(task) is not None
+        else:
+            with pytest.raises(ValueError, match="timesteps"):
+                benchmark.load_finished_run(task)
+
+
+def test_a_saved_speed_measurement_stops_mode_all_before_it_measures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # B6: --mode all without --resume never measures the speed again over a saved measurement
+    (tmp_path / "trpo_CartPole-v1_speed.json").write_text("{}")
+
+    def measure_speed(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(benchmark, "measure_speed", measure_speed)
+    with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
+        benchmark.main(["--algo", "trpo", "--env", "CartPole-v1", "--mode", "all", "--seeds", "0", "--output", str(tmp_path)])
+
+
+def test_multibinary_actions_count_their_dimensions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # B9: sb3-contrib averages the KL over MultiBinary's dimensions too
+    fake = SimpleNamespace(action_space=gym.spaces.MultiBinary(5), close=lambda: None)
+    monkeypatch.setattr(benchmark.gym, "make", lambda env_id: fake)
+    assert benchmark.action_dimensions("Fake-v0") == 5
+
+
+def test_learning_run_evaluates_deterministically_with_frozen_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # B10, B12: deterministic episodes on a VecNormalize that neither updates nor normalizes rewards
+    calls: list[tuple[Any, dict]] = []
+
+    def recording_evaluate(model: Any, env: Any, **kwargs: Any) -> tuple[list[float], list[int]]:
+        calls.append((env, kwargs))
+        return [0.0], [1]
+
+    monkeypatch.setattr(benchmark, "evaluate_policy", recording_evaluate)
+    overrides = {"n_steps": 32, "batch_size": 32, "n_critic_updates": 1, "normalize": True}
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", overrides, {}, 32)
+    task = benchmark.RunTask("trpo", "ours", "sb3_trust.TRPO", setting, 0, 1, "cpu", 1, str(tmp_path))
+    benchmark.learning_run(task)
+    ((env, kwargs),) = calls
+    assert kwargs["deterministic"] is True
+    assert isinstance(env, VecNormalize) and not env.training and not env.norm_reward

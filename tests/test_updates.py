@@ -364,3 +364,55 @@ def test_logged_kl_is_the_closed_form_kl_from_old_to_new(algo: type[NPG]) -> Non
     assert forward > 0.1
     assert abs(forward - reverse) > 0.02 * forward, "the step does not tell the two directions apart"
     assert model.logger.name_to_value["train/kl_divergence"] == pytest.approx(forward, rel=1e-4)
+
+
+class TerminatingEnv(gym.Env):
+    """Rewarded its step count; terminates (no time limit) at its third step."""
+
+    observation_space = gym.spaces.Box(0.0, 10.0, (1,), dtype=np.float32)
+    action_space = gym.spaces.Box(-0.1, 0.1, (1,), dtype=np.float32)
+
+    def __init__(self) -> None:
+        self.received: list[np.ndarray] = []
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.count = 0
+        return np.array([0.0], dtype=np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.received.append(np.array(action))
+        self.count += 1
+        return np.array([self.count], dtype=np.float32), float(self.count), self.count == 3, False, {}
+
+
+def test_terminated_episodes_are_not_bootstrapped() -> None:
+    # O2: only a time limit's cut adds γ V(s_T); a real termination keeps its reward
+    env = DummyVecEnv([TerminatingEnv])
+    model = TRPO("MlpPolicy", env, n_steps=12, batch_size=12, n_critic_updates=1, **TINY)
+    collect(model)
+    assert np.array_equal(model.rollout_buffer.rewards[:, 0], (np.arange(12) % 3 + 1).astype(np.float32))
+
+
+def test_returns_stop_at_episode_ends() -> None:
+    # O6, O7: with gae_lambda = 1 the returns are the discounted sums of each episode's rewards: no value of the next
+    # episode's states leaks in, neither inside the rollout (episode starts) nor after its last, terminal step (dones)
+    env = DummyVecEnv([TerminatingEnv])
+    model = TRPO("MlpPolicy", env, n_steps=12, batch_size=12, n_critic_updates=1, gamma=0.9, gae_lambda=1.0, **TINY)
+    with th.no_grad():
+        model.policy.value_net.bias.fill_(1.0)  # V ≠ 0 everywhere (at a zero observation too), so that a leak shows
+    collect(model)
+    episode = [1 + 0.9 * 2 + 0.81 * 3, 2 + 0.9 * 3, 3.0]
+    assert np.allclose(model.rollout_buffer.returns[:, 0], episode * 4, atol=1e-4)
+
+
+def test_box_actions_are_clipped_for_the_env_but_stored_unclipped() -> None:
+    # O3, O4: σ = 1 against bounds ±0.1: most draws fall outside; the env sees them clipped, the buffer the draws
+    env = DummyVecEnv([TerminatingEnv])
+    model = TRPO("MlpPolicy", env, n_steps=64, batch_size=64, n_critic_updates=1, **TINY)
+    collect(model)
+    received = np.concatenate(env.envs[0].unwrapped.received)
+    assert np.all(np.abs(received) <= 0.1 + 1e-7)
+    stored = model.rollout_buffer.actions.flatten()
+    assert np.mean(np.abs(stored) > 0.1) > 0.5
+    assert np.allclose(np.clip(stored, -0.1, 0.1), received)

@@ -155,3 +155,47 @@ def test_hyperparameter_search_through_rl_zoo(tmp_path: Path, monkeypatch: pytes
     report = next(tmp_path.rglob("report_Acrobot-v1_2-trials-256-random-none*.csv"))
     assert len(report.read_text().splitlines()) == 3  # header and two trials
     assert sorted(path.name for path in (tmp_path / "trials").iterdir()) == ["trial_0", "trial_1"]
+
+
+class RecordingTrial:
+    """An optuna trial stand-in that answers the lower bound of every range and records the ranges."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.ranges: dict[str, tuple[float, float]] = {}
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        self.ranges[name] = (low, high)
+        self.params[name] = low
+        return low
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        self.params[name] = low
+        return low
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        self.params[name] = choices[0]
+        return choices[0]
+
+
+@pytest.mark.parametrize("n_actions, dimensions", [(6, 6), (0, 1)])
+def test_natural_gradient_search_space_scales_the_trust_region_by_the_action_dimensions(
+    n_actions: int, dimensions: int
+) -> None:
+    # Z1: sb3-contrib's TRPO range (0.001, 0.1) per dimension is d times wider in our joint-KL convention
+    from sb3_trust.zoo import sample_natural_gradient_params
+
+    trial = RecordingTrial()
+    sample_natural_gradient_params(trial, n_actions, 1, {})
+    assert trial.ranges["target_kl"] == pytest.approx((0.001 * dimensions, 0.1 * dimensions))
+    assert trial.ranges["cg_damping"] == pytest.approx((0.01 * dimensions, 1.0 * dimensions))
+
+
+def test_registration_installs_our_converter() -> None:
+    # Z3: rl-zoo3 rebuilds a stored trial's arguments with HYPERPARAMS_CONVERTER: ours caps batch_size at n_steps
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER
+
+    from sb3_trust.zoo import SAMPLERS, convert_sampled_params, register_algorithms
+
+    register_algorithms()
+    assert all(HYPERPARAMS_CONVERTER[algo] is convert_sampled_params for algo in SAMPLERS)
