@@ -584,10 +584,10 @@ def test_progress_bar_and_callbacks(algo: type[NPG]) -> None:
 @pytest.mark.parametrize(
     "algo, kwargs",
     [
-        (NPG, dict(cg_max_steps=True)),  # C2: a bool is no count
-        (NPG, dict(cg_damping=float("inf"))),  # C4: finite
-        (PPOKL, dict(max_grad_norm=0.0)),  # C5: positive, not only non-negative
-        (PPOKL, dict(max_grad_norm=float("nan"))),  # C5: NaN
+        (NPG, dict(cg_max_steps=True)),  # a bool is no count
+        (NPG, dict(cg_damping=float("inf"))),  # finite
+        (PPOKL, dict(max_grad_norm=0.0)),  # positive, not only non-negative
+        (PPOKL, dict(max_grad_norm=float("nan"))),  # NaN
     ],
 )
 def test_more_bad_parameters_fail_at_construction(algo: type, kwargs: dict) -> None:
@@ -596,5 +596,5 @@ def test_more_bad_parameters_fail_at_construction(algo: type, kwargs: dict) -> N
 
 
 def test_gamma_and_gae_lambda_of_one_are_accepted() -> None:
-    # C3: [0, 1] is closed (γ = 1 and λ = 1 are the undiscounted and Monte-Carlo cases)
+    # [0, 1] is closed (γ = 1 and λ = 1 are the undiscounted and Monte-Carlo cases)
     NPG("MlpPolicy", "CartPole-v1", gamma=1.0, gae_lambda=1.0)

@@ -219,7 +219,7 @@ def _setting(threshold: float | None = None) -> benchmark.Setting:
 
 
 def test_returns_report_gives_mean_std_and_the_ratio_ours_over_peer() -> None:
-    # B2, B4: the mean over seeds (not the median: 0, 0, 3 -> 1.0) and the ratio ours / peer (1.0 / 0.5 = 2)
+    # the mean over seeds (not the median: 0, 0, 3 -> 1.0) and the ratio ours / peer (1.0 / 0.5 = 2)
     results = [_result("ours", seed, value) for seed, value in enumerate((0.0, 0.0, 3.0))]
     results += [_result("peer", seed, value) for seed, value in enumerate((0.0, 0.0, 1.5))]
     report = benchmark.returns_report(benchmark.PAIRS["trpo"], _setting(), results, [], "", 10)
@@ -228,7 +228,7 @@ def test_returns_report_gives_mean_std_and_the_ratio_ours_over_peer() -> None:
 
 
 def test_threshold_ratio_is_peer_over_ours() -> None:
-    # B11: ours reaches 10 at t=100, the peer at t=400: peer / ours = 4
+    # ours reaches 10 at t=100, the peer at t=400: peer / ours = 4
     fast = [(100, 10.0)]
     slow = [(100, 0.0), (400, 30.0)]
     results = [_result("ours", 0, 0.0, fast), _result("peer", 0, 0.0, slow)]
@@ -237,7 +237,7 @@ def test_threshold_ratio_is_peer_over_ours() -> None:
 
 
 def test_speed_report_ratio_is_ours_over_peer() -> None:
-    # B3: ours' train() takes 0.1 s, the peer's 0.4 s: the train-time ratio is 0.250
+    # ours' train() takes 0.1 s, the peer's 0.4 s: the train-time ratio is 0.250
     samples = [benchmark.SpeedSample("ours", 0, 100, 1.0, [0.1]), benchmark.SpeedSample("peer", 0, 100, 1.0, [0.4])]
     report = benchmark.speed_report(benchmark.PAIRS["trpo"], samples, 1, 1, "now")
     train_row = next(line for line in report.splitlines() if line.startswith("| train() time"))
@@ -245,7 +245,7 @@ def test_speed_report_ratio_is_ours_over_peer() -> None:
 
 
 def test_a_shorter_saved_run_is_refused(tmp_path: Path) -> None:
-    # B5: a saved run may exceed the requested timesteps by less than one rollout (learn() finishes its rollout),
+    # a saved run may exceed the requested timesteps by less than one rollout (learn() finishes its rollout),
     # never fall short of them
     setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", {"n_steps": 64, "batch_size": 64}, {}, 1000)
     task = benchmark.RunTask("trpo", "ours", "sb3_trust.TRPO", setting, 0, 2, "cpu", 1, str(tmp_path))
@@ -261,7 +261,7 @@ def test_a_shorter_saved_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_saved_speed_measurement_stops_mode_all_before_it_measures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # B6: --mode all without --resume never measures the speed again over a saved measurement
+    # --mode all without --resume never measures the speed again over a saved measurement
     (tmp_path / "trpo_CartPole-v1_speed.json").write_text("{}")
 
     def measure_speed(*args: Any, **kwargs: Any) -> None:
@@ -273,7 +273,7 @@ def test_a_saved_speed_measurement_stops_mode_all_before_it_measures(tmp_path: P
 
 
 def test_multibinary_actions_count_their_dimensions(monkeypatch: pytest.MonkeyPatch) -> None:
-    # B9: sb3-contrib averages the KL over MultiBinary's dimensions too
+    # sb3-contrib averages the KL over MultiBinary's dimensions too
     fake = SimpleNamespace(action_space=gym.spaces.MultiBinary(5), close=lambda: None)
     monkeypatch.setattr(benchmark.gym, "make", lambda env_id: fake)
     assert benchmark.action_dimensions("Fake-v0") == 5
@@ -282,7 +282,7 @@ def test_multibinary_actions_count_their_dimensions(monkeypatch: pytest.MonkeyPa
 def test_learning_run_evaluates_deterministically_with_frozen_statistics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # B10, B12: deterministic episodes on a VecNormalize that neither updates nor normalizes rewards
+    # deterministic episodes on a VecNormalize that neither updates nor normalizes rewards
     calls: list[tuple[Any, dict]] = []
 
     def recording_evaluate(model: Any, env: Any, **kwargs: Any) -> tuple[list[float], list[int]]:

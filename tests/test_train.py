@@ -257,21 +257,26 @@ def test_the_algorithm_s_gamma_wins_over_the_normalization_s() -> None:
 
 
 def test_statistics_alone_of_the_unnumbered_run_reserve_its_name(tmp_path: Path) -> None:
-    # T2: `<stem>.vecnormalize.pkl` is run 1 even without its `.zip`: the next checkpoint is `_2`, not `<stem>.zip`
+    # `<stem>.vecnormalize.pkl` is run 1 even without its `.zip`: the next checkpoint is `_2`, not `<stem>.zip`
     (tmp_path / "x.vecnormalize.pkl").write_bytes(b"stats of run 1")
     assert train.unused_checkpoint_path(tmp_path, "x").name == "x_2.zip"
 
 
 def test_a_name_taken_after_the_listing_is_not_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # T3: a concurrent run creates x.zip between our listing and our open(): exclusive creation moves on to x_2.zip
+    # a concurrent run creates x.zip between our listing and our open(): exclusive creation moves on to x_2.zip
     (tmp_path / "x.zip").write_bytes(b"other run")
     monkeypatch.setattr(train.os, "listdir", lambda path: [])
     assert train.unused_checkpoint_path(tmp_path, "x").name == "x_2.zip"
     assert (tmp_path / "x.zip").read_bytes() == b"other run"
 
 
+def _train_npg_on_cartpole(tmp_path: Path, *extra: str) -> None:
+    arguments = ["--algo", "npg", "--env", "CartPole-v1", "--timesteps", "32", "--eval-episodes", "1"]
+    train.main([*arguments, "--output", str(tmp_path / "out"), *extra])
+
+
 def test_train_evaluates_on_the_offset_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # T10: the evaluation environment is seeded seed + EVAL_SEED_OFFSET, not with the training seed
+    # the evaluation environment is seeded seed + EVAL_SEED_OFFSET, not with the training seed
     seeds: list[int] = []
     build_env = train.build_env
 
@@ -282,51 +287,23 @@ def test_train_evaluates_on_the_offset_seed(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(train, "build_env", recording_build_env)
     (tmp_path / "npg.yml").write_text("CartPole-v1: {n_steps: 32, batch_size: 32, n_critic_updates: 1}\n")
     monkeypatch.setattr(train, "CONFIG_DIR", tmp_path)
-    train.main(
-        [
-            "--algo",
-            "npg",
-            "--env",
-            "CartPole-v1",
-            "--timesteps",
-            "32",
-            "--eval-episodes",
-            "1",
-            "--seed",
-            "3",
-            "--output",
-            str(tmp_path / "out"),
-        ]
-    )
+    _train_npg_on_cartpole(tmp_path, "--seed", "3")
     assert seeds == [3, 3 + train.EVAL_SEED_OFFSET]
 
 
 def test_an_atari_game_with_its_own_entry_does_not_get_the_atari_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # T12: the `atari` entry is only the fallback of a game without one (the game is faked to keep this cheap)
+    # the `atari` entry is only the fallback of a game without one (the game is faked to keep this cheap)
     (tmp_path / "npg.yml").write_text(
         "CartPole-v1: {n_steps: 32, batch_size: 32, n_critic_updates: 1}\n"
         "atari: {n_steps: 16, batch_size: 16, n_critic_updates: 1}\n"
     )
     monkeypatch.setattr(train, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(train, "is_atari_game", lambda env_id: True)
-    train.main(
-        [
-            "--algo",
-            "npg",
-            "--env",
-            "CartPole-v1",
-            "--timesteps",
-            "32",
-            "--eval-episodes",
-            "1",
-            "--output",
-            str(tmp_path / "out"),
-        ]
-    )
+    _train_npg_on_cartpole(tmp_path)
     assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed0.zip").n_steps == 32
 
 
 def test_linear_schedules_of_the_clip_ranges() -> None:
-    # T8: rl-zoo3's `lin_<value>` is understood for clip_range and clip_range_vf too (PPOKL's atari entry uses it)
+    # rl-zoo3's `lin_<value>` is understood for clip_range and clip_range_vf too (PPOKL's atari entry uses it)
     converted = train.linear_schedules({"clip_range": "lin_0.1", "clip_range_vf": "lin_0.4"})
     assert converted["clip_range"](0.5) == pytest.approx(0.05) and converted["clip_range_vf"](0.25) == pytest.approx(0.1)

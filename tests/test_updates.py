@@ -387,7 +387,7 @@ class TerminatingEnv(gym.Env):
 
 
 def test_terminated_episodes_are_not_bootstrapped() -> None:
-    # O2: only a time limit's cut adds γ V(s_T); a real termination keeps its reward
+    # only a time limit's cut adds γ V(s_T); a real termination keeps its reward
     env = DummyVecEnv([TerminatingEnv])
     model = TRPO("MlpPolicy", env, n_steps=12, batch_size=12, n_critic_updates=1, **TINY)
     collect(model)
@@ -395,7 +395,7 @@ def test_terminated_episodes_are_not_bootstrapped() -> None:
 
 
 def test_returns_stop_at_episode_ends() -> None:
-    # O6, O7: with gae_lambda = 1 the returns are the discounted sums of each episode's rewards: no value of the next
+    # with gae_lambda = 1 the returns are the discounted sums of each episode's rewards: no value of the next
     # episode's states leaks in, neither inside the rollout (episode starts) nor after its last, terminal step (dones)
     env = DummyVecEnv([TerminatingEnv])
     model = TRPO("MlpPolicy", env, n_steps=12, batch_size=12, n_critic_updates=1, gamma=0.9, gae_lambda=1.0, **TINY)
@@ -407,7 +407,7 @@ def test_returns_stop_at_episode_ends() -> None:
 
 
 def test_box_actions_are_clipped_for_the_env_but_stored_unclipped() -> None:
-    # O3, O4: σ = 1 against bounds ±0.1: most draws fall outside; the env sees them clipped, the buffer the draws
+    # σ = 1 against bounds ±0.1: most draws fall outside; the env sees them clipped, the buffer the draws
     env = DummyVecEnv([TerminatingEnv])
     model = TRPO("MlpPolicy", env, n_steps=64, batch_size=64, n_critic_updates=1, **TINY)
     collect(model)

@@ -182,7 +182,7 @@ class RecordingTrial:
 def test_natural_gradient_search_space_scales_the_trust_region_by_the_action_dimensions(
     n_actions: int, dimensions: int
 ) -> None:
-    # Z1: sb3-contrib's TRPO range (0.001, 0.1) per dimension is d times wider in our joint-KL convention
+    # sb3-contrib's TRPO range (0.001, 0.1) per dimension is d times wider in our joint-KL convention
     from sb3_trust.zoo import sample_natural_gradient_params
 
     trial = RecordingTrial()
@@ -192,7 +192,7 @@ def test_natural_gradient_search_space_scales_the_trust_region_by_the_action_dim
 
 
 def test_registration_installs_our_converter() -> None:
-    # Z3: rl-zoo3 rebuilds a stored trial's arguments with HYPERPARAMS_CONVERTER: ours caps batch_size at n_steps
+    # rl-zoo3 rebuilds a stored trial's arguments with HYPERPARAMS_CONVERTER: ours caps batch_size at n_steps
     from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER
 
     from sb3_trust.zoo import SAMPLERS, convert_sampled_params, register_algorithms
