@@ -398,3 +398,15 @@ def test_a_distribution_whose_rows_cannot_be_selected_trains_with_the_sampled_kl
         assert kl > 0 and logged["train/kl_divergence"] == pytest.approx(kl, rel=1e-5)
     assert analytic_calls == [128, 128]  # only the rollout KL of each update: no minibatch was selected
     assert all(bool(th.isfinite(param).all()) for param in model.policy.parameters())
+
+
+def test_an_error_inside_the_kl_is_not_taken_for_a_missing_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only "no closed form" (NotImplementedError) and "rows not selectable" switch to the sampled KL; a TypeError from
+    # inside the KL itself is a bug, and surfaces
+    def broken_kl(old: Any, new: Any) -> th.Tensor:
+        raise TypeError("a bug inside the KL")
+
+    monkeypatch.setattr(ppokl_module, "mean_kl", broken_kl)
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
+    with pytest.raises(TypeError, match="a bug inside the KL"):
+        model.learn(128)

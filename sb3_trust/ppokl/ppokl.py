@@ -389,9 +389,15 @@ class PPOKL(TrustOnPolicyAlgorithm):
         :return: a scalar
         """
         try:
-            return mean_kl(select_distribution(old, rows), new)
-        except (NotImplementedError, TypeError):
-            return th.mean(th.exp(log_ratio) - 1 - log_ratio)
+            old_rows: Distribution | None = select_distribution(old, rows)
+        except TypeError:  # rows of this kind of distribution are not selected here
+            old_rows = None
+        if old_rows is not None:
+            try:
+                return mean_kl(old_rows, new)
+            except NotImplementedError:  # torch has no closed form for this pair
+                pass
+        return th.mean(th.exp(log_ratio) - 1 - log_ratio)
 
 
 def _mean(values: list[float]) -> float:
