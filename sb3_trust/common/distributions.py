@@ -132,6 +132,21 @@ def _rebuild_torch_distribution(
     return TransformedDistribution(base, transforms, validate_args=False)
 
 
+def state_tensors(part: TorchDistribution) -> list[th.Tensor]:
+    """
+    :param part: a torch distribution
+    :return: the tensors it holds, those of its nested distributions included (an ``Independent`` or a
+        ``TransformedDistribution`` keeps its own in ``base_dist``, a ``Beta`` in a ``Dirichlet``)
+    """
+    tensors: list[th.Tensor] = []
+    for value in vars(part).values():
+        if isinstance(value, th.Tensor):
+            tensors.append(value)
+        elif isinstance(value, TorchDistribution):
+            tensors.extend(state_tensors(value))
+    return tensors
+
+
 def _detached_torch_distribution(part: TorchDistribution) -> TorchDistribution:
     """
     :param part: any torch distribution whose state is tensors and nested distributions (e.g. ``Beta``)

@@ -22,7 +22,7 @@ from sb3_trust.common.distributions import torch_distributions
 from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
 from sb3_trust.common.optim import LeanAdam
-from sb3_trust.common.policies import split_actor_critic_parameters
+from sb3_trust.common.policies import overridden_methods, split_actor_critic_parameters
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
 
 
@@ -417,7 +417,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         :return: whether the critic regresses on the shared feature extractor's output, held fixed: a shared
             extractor, and SB3's ``predict_values`` (value_net ∘ forward_critic ∘ features)
         """
-        return self.policy.share_features_extractor and type(self.policy).predict_values is ActorCriticPolicy.predict_values
+        return self.policy.share_features_extractor and not overridden_methods(self.policy, ("predict_values",))
 
     def _critic_regression_step(self) -> Callable[[Any, th.Tensor], th.Tensor]:
         """

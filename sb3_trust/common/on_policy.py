@@ -10,14 +10,14 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
+from stable_baselines3.common.policies import BaseModel
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trust.common.mlp import LinearStack
-from sb3_trust.common.policies import check_policy_methods, values_and_distribution
+from sb3_trust.common.policies import check_policy_methods, overridden_methods, values_and_distribution
 
 SelfTrustOnPolicyAlgorithm = TypeVar("SelfTrustOnPolicyAlgorithm", bound="TrustOnPolicyAlgorithm")
 
@@ -198,9 +198,10 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         :return: observations of the vectorized environment ↦ sampled actions
         """
         policy = self.policy
-        if type(policy).get_distribution is not ActorCriticPolicy.get_distribution:
+        overridden = overridden_methods(policy, ACTION_LAW_METHODS)
+        if "get_distribution" in overridden:
             return lambda obs_tensor: policy.get_distribution(obs_tensor).get_actions()
-        if any(getattr(type(policy), name) is not getattr(ActorCriticPolicy, name) for name in ACTION_LAW_METHODS):
+        if overridden:
             return lambda obs_tensor: policy(obs_tensor)[0]
         if type(policy.action_dist) not in (DiagGaussianDistribution, CategoricalDistribution):
             return lambda obs_tensor: policy.get_distribution(obs_tensor).get_actions()

@@ -4,27 +4,15 @@ import torch as th
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
-from torch.distributions import Distribution as TorchDistribution
 
-from sb3_trust.common.distributions import torch_distributions
-
-
-def _graph_tensors(part: TorchDistribution) -> list[th.Tensor]:
-    # Those of a nested distribution as well: an Independent or a TransformedDistribution keeps its own in base_dist
-    tensors: list[th.Tensor] = []
-    for value in vars(part).values():
-        if isinstance(value, th.Tensor) and value.requires_grad:
-            tensors.append(value)
-        elif isinstance(value, TorchDistribution):
-            tensors.extend(_graph_tensors(value))
-    return tensors
+from sb3_trust.common.distributions import state_tensors, torch_distributions
 
 
 def _distribution_tensors(distribution: Distribution) -> list[th.Tensor]:
-    return [tensor for part in torch_distributions(distribution) for tensor in _graph_tensors(part)]
+    return [tensor for part in torch_distributions(distribution) for tensor in state_tensors(part) if tensor.requires_grad]
 
 
-def _overrides(policy: ActorCriticPolicy, names: tuple[str, ...]) -> list[str]:
+def overridden_methods(policy: ActorCriticPolicy, names: tuple[str, ...]) -> list[str]:
     """
     :param policy: a policy
     :param names: names of ``ActorCriticPolicy`` methods
@@ -41,7 +29,7 @@ def check_policy_methods(policy: ActorCriticPolicy) -> None:
     :param policy: the policy of an sb3_trust algorithm
     :raises TypeError: when its class overrides ``evaluate_actions``
     """
-    if _overrides(policy, ("evaluate_actions",)):
+    if overridden_methods(policy, ("evaluate_actions",)):
         raise TypeError(
             f"{type(policy).__name__} overrides evaluate_actions, which sb3_trust's algorithms never call: their updates "
             "need the action distribution itself (for the KL and the Fisher matrix). Override get_distribution (or "
@@ -96,7 +84,7 @@ def values_and_distribution(
     :param obs: observations
     :return: values, action distribution
     """
-    if _overrides(policy, ("predict_values", "get_distribution")):
+    if overridden_methods(policy, ("predict_values", "get_distribution")):
         return policy.predict_values(obs), policy.get_distribution(obs)
     features = policy.extract_features(obs)
     if policy.share_features_extractor:
