@@ -17,6 +17,7 @@ from typing import Any
 
 import gymnasium as gym
 import torch as th
+from stable_baselines3.common.callbacks import ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.utils import LinearSchedule
@@ -367,9 +368,13 @@ def main(argv: list[str] | None = None) -> float:
     model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)
     print(f"Training {type(model).__name__} on {args.env} for {timesteps} steps with {hyperparameters}")
     checkpoint_stem = f"{algo}_{env_name}_seed{args.seed}"
+    # Our own bar (not learn's progress_bar=True), so that an interrupted run can close it before printing
+    progress_bar = ProgressBarCallback() if args.progress_bar else None
     try:
-        model.learn(timesteps, progress_bar=args.progress_bar)
+        model.learn(timesteps, callback=progress_bar)
     except KeyboardInterrupt:
+        if progress_bar is not None and hasattr(progress_bar, "pbar"):
+            progress_bar.pbar.close()
         # As rl-zoo3 does: an interrupted run keeps what it learned (a long run is hours of computation)
         checkpoint = save_model(model, Path(args.output), checkpoint_stem)
         print(f"Interrupted after {model.num_timesteps} steps, not evaluated. Checkpoint: {checkpoint.resolve()}")

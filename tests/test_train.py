@@ -7,6 +7,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
+from stable_baselines3.common.callbacks import ConvertCallback, ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
@@ -60,6 +61,24 @@ def test_an_interrupted_run_is_saved(
     assert checkpoint.with_suffix(".vecnormalize.pkl").exists()
     assert TRPO.load(checkpoint).num_timesteps == 2048  # one rollout of the entry's 2 envs × 1024 steps
     assert f"Interrupted after 2048 steps, not evaluated. Checkpoint: {checkpoint.resolve()}" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_closes_its_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    learn = TRPO.learn
+    callbacks: list[Any] = []
+
+    def interrupted_learn(self: TRPO, total_timesteps: int, callback: Any = None, **kwargs: Any) -> TRPO:
+        callbacks.append(callback)
+
+        def ctrl_c(local_vars: dict[str, Any], global_vars: dict[str, Any]) -> bool:
+            raise KeyboardInterrupt
+
+        return learn(self, total_timesteps, callback=[callback, ConvertCallback(ctrl_c)])
+
+    monkeypatch.setattr(TRPO, "learn", interrupted_learn)
+    with pytest.raises(SystemExit):
+        main(["--algo", "trpo", "--env", "CartPole-v1", "--timesteps", "100000", "--output", str(tmp_path), "--progress-bar"])
+    assert isinstance(callbacks[0], ProgressBarCallback) and callbacks[0].pbar.disable
 
 
 def test_checkpoint_names_count_up_from_the_highest(tmp_path: Path) -> None:
