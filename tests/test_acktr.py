@@ -355,3 +355,16 @@ def test_kfac_receives_the_gradient_of_the_a2c_loss(
     model.learn(16)
     assert model.logger.name_to_value["train/n_updates"] == 1
     assert {"value_net.weight", "action_net.weight"} <= set(compared)
+
+
+def test_parameters_frozen_after_construction_stay_where_they_are() -> None:
+    # The usual fine-tuning step, after the model was built or trained: requires_grad_(False) on part of the policy
+    model = ACKTR("MlpPolicy", "Pendulum-v1", n_steps=16, seed=0).learn(64)
+    policy = model.policy
+    policy.log_std.requires_grad_(False)
+    policy.value_net.requires_grad_(False)
+    frozen = [param.detach().clone() for param in (policy.log_std, *policy.value_net.parameters())]
+    actor = [param.detach().clone() for param in policy.action_net.parameters()]
+    model.learn(64, reset_num_timesteps=False)
+    assert all(th.equal(old, new) for old, new in zip(frozen, (policy.log_std, *policy.value_net.parameters()), strict=True))
+    assert all(not th.equal(old, new) for old, new in zip(actor, policy.action_net.parameters(), strict=True))

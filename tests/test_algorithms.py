@@ -588,6 +588,8 @@ def test_progress_bar_and_callbacks(algo: type[NPG]) -> None:
         (NPG, dict(cg_damping=float("inf"))),  # finite
         (PPOKL, dict(max_grad_norm=0.0)),  # positive, not only non-negative
         (PPOKL, dict(max_grad_norm=float("nan"))),  # NaN
+        (NPG, dict(target_kl="0.01")),  # a string (YAML's unquoted 1e-3 is one) is no number
+        (ACKTR, dict(kfac_damping=None)),
     ],
 )
 def test_more_bad_parameters_fail_at_construction(algo: type, kwargs: dict) -> None:

@@ -738,9 +738,11 @@ def test_non_finite_or_negative_quadratic_skips_the_step(quadratic: float, monke
     assert all(bool(buffer.abs().sum() > 0) for buffer in buffers)
     precondition = optimizer._precondition
 
-    def corrupted(grads: list[th.Tensor], damping: float, refresh: bool) -> tuple[list[th.Tensor], list[th.Tensor]]:
+    def corrupted(
+        params: list[th.Tensor], grads: list[th.Tensor], damping: float, refresh: bool
+    ) -> tuple[list[th.Tensor], list[th.Tensor]]:
         # Finite directions, so only the quadratic's guard can stop the step
-        directions, _ = precondition(grads, damping, refresh)
+        directions, _ = precondition(params, grads, damping, refresh)
         return directions, [th.tensor(quadratic, dtype=th.float64)]
 
     monkeypatch.setattr(optimizer, "_precondition", corrupted)
@@ -780,3 +782,70 @@ def test_eigenvalues_are_clamped_before_damping() -> None:
         step = _block_matrix(before[index] - layer.weight, before[index + 1] - layer.bias)
         expected = _dense_direction(inverse_a, inverse_g, _block_matrix(grads[index], grads[index + 1]))
         assert th.allclose(step, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_parameters_frozen_after_construction_stay_and_the_rest_trains() -> None:
+    # As with torch's optimizers, requires_grad_(False) after the optimizer was built freezes a parameter
+    network = _tiny_network()
+    optimizer = KFAC(network, lr=0.1, momentum=0.9)
+    generator = th.Generator().manual_seed(4)
+    inputs = th.randn(16, 3, dtype=th.float64, generator=generator)
+    _categorical_fisher_pass(optimizer, network, inputs, generator)
+    optimizer.step()  # momentum buffers everywhere, which must not move a frozen parameter
+    network[0].requires_grad_(False)
+    network[2].bias.requires_grad_(False)  # the rest of a partly frozen layer gets a diagonal preconditioner
+    before = [param.detach().clone() for param in network.parameters()]
+    _categorical_fisher_pass(optimizer, network, inputs, generator)
+    assert "diag" in optimizer.state[network[2].weight] and network[0].weight.grad is None
+    optimizer.step()
+    moved = [not th.equal(old, param) for old, param in zip(before, network.parameters(), strict=True)]
+    assert moved == [False, False, True, False]
+    # Unfrozen again, the layer is a Kronecker-factored block as before
+    network.requires_grad_(True)
+    _categorical_fisher_pass(optimizer, network, inputs, generator)
+    optimizer.step()
+    assert all(not th.equal(old, param) for old, param in zip(before, network.parameters(), strict=True))
+    assert optimizer.state[network[0].weight]["stat_updates"] == 2
+
+
+def test_a_layer_may_see_several_rows_per_sample() -> None:
+    # A per-element encoder applied to the (samples × elements) rows gets the factors of the same layer applied to
+    # (samples, elements, features): the rows of a sample are its elements either way
+    th.manual_seed(0)
+    elements = th.randn(8, 5, 3, dtype=th.float64)
+    factors = []
+    for flat in (False, True):
+        th.manual_seed(1)
+        encoder, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+        optimizer = KFAC(nn.ModuleList([encoder, head]))
+        with optimizer.capture():
+            encoded = encoder(elements.reshape(-1, 3)).reshape(8, 5, 4) if flat else encoder(elements)
+            logits = head(th.tanh(encoded).sum(dim=1))
+        optimizer.backward((logits**2).mean(), -th.log_softmax(logits, dim=-1)[:, 0].mean(), batch_size=8)
+        factors.append(optimizer.kronecker_factors(encoder))
+    assert all(th.allclose(left, right) for left, right in zip(*factors, strict=True))
+    # A layer that saw no whole number of rows per sample is refused: `batch_size` cannot be the samples'
+    with optimizer.capture():
+        logits = head(th.tanh(encoder(elements[:, :2].reshape(-1, 3)[:15])).sum(dim=0, keepdim=True).expand(8, 4))
+    with pytest.raises(ValueError, match="not a whole number of rows for each of the batch's 8 samples"):
+        optimizer.backward(logits.pow(2).mean(), logits.mean(), batch_size=8)
+
+
+def test_a_non_finite_first_loss_postpones_the_check_of_other_uses() -> None:
+    # A NaN gradient compares as equal to anything: the out_proj of nn.MultiheadAttention would stay a block
+    th.manual_seed(0)
+    attention, head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+    optimizer = KFAC(nn.ModuleDict(dict(attention=attention, head=head)), lr=0.1)
+    inputs = th.randn(8, 3, 4)
+    for scale in (float("nan"), 1.0):
+        with optimizer.capture():
+            logits = head(attention(inputs, inputs, inputs)[0].mean(dim=1))
+        fisher_loss = -th.log_softmax(logits, dim=-1)[:, 0].mean()
+        optimizer.zero_grad()
+        if math.isnan(scale):
+            optimizer.backward(scale * (logits**2).mean(), fisher_loss, batch_size=8)
+            assert len(optimizer.blocks) == 2  # not checked yet
+        else:
+            with pytest.warns(RuntimeWarning, match="used outside their layer"):
+                optimizer.backward(scale * (logits**2).mean(), fisher_loss, batch_size=8)
+    assert [module for module, _, _ in optimizer.blocks] == [head]

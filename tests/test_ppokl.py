@@ -279,6 +279,7 @@ def test_dict_observations_and_clipping_options() -> None:
         (dict(max_grad_norm=-0.5), "max_grad_norm"),
         (dict(target_kl=float("inf")), "target_kl"),
         (dict(n_epochs=2.0), "n_epochs"),
+        (dict(target_kl=None), "target_kl` is the mean KL per update"),  # PPO's default means something else
     ],
 )
 def test_bad_parameters_fail_at_construction(kwargs: dict, message: str) -> None:

@@ -3,12 +3,29 @@
 import numpy as np
 
 
+def _check_real(name: str, value: object) -> None:
+    """
+    :param name: an argument's name
+    :param value: its value
+    :raises ValueError: when it is not a real number (None, or a string such as YAML's unquoted ``1e-3``): the
+        comparisons of the checks below would raise a TypeError that does not name it
+    """
+    if not isinstance(value, (str, bytes)):
+        try:
+            float(value)  # type: ignore[arg-type]
+            return
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"`{name}` must be a number, got {value!r}")
+
+
 def check_positive(**values: float) -> None:
     """
     :param values: named numbers that must be finite and > 0
     :raises ValueError: naming the first that is not
     """
     for name, value in values.items():
+        _check_real(name, value)
         if not (value > 0 and np.isfinite(value)):
             raise ValueError(f"`{name}` must be a finite positive number, got {value}")
 
@@ -20,6 +37,7 @@ def check_positive_or_infinite(**values: float) -> None:
     :raises ValueError: naming the first that is not (NaN included)
     """
     for name, value in values.items():
+        _check_real(name, value)
         if not value > 0:
             raise ValueError(f"`{name}` must be positive, got {value}")
 
@@ -30,6 +48,7 @@ def check_non_negative(**values: float) -> None:
     :raises ValueError: naming the first that is not (NaN included)
     """
     for name, value in values.items():
+        _check_real(name, value)
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
 
@@ -52,5 +71,6 @@ def check_unit_interval(**values: float) -> None:
     :raises ValueError: naming the first that does not (NaN included)
     """
     for name, value in values.items():
+        _check_real(name, value)
         if not 0 <= value <= 1:
             raise ValueError(f"`{name}` must lie in [0, 1], got {value}")

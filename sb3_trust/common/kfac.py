@@ -12,8 +12,8 @@ The statistics come from the backward pass of a negative log-likelihood of targe
 the modules are not rewritten; the output gradients ȳ are asked of autograd directly. Parameters outside a
 supported layer (e.g. a Gaussian ``log_std``) get a diagonal preconditioner, and so do the weights of a layer that
 another module shares (tied weights) or that the loss also uses outside the layer's own calls (e.g. the ``out_proj``
-of ``nn.MultiheadAttention``, found at the first ``backward()``): the statistics of a layer's calls would not
-describe their gradient.
+of ``nn.MultiheadAttention``, found at its first ``backward()`` with a finite loss): the statistics of a layer's
+calls would not describe their gradient.
 """
 
 import math
@@ -140,7 +140,8 @@ class KFAC(Optimizer):
             module.register_forward_hook(self._forward_hook)
         self.diagonal_params = self._parameters_outside_blocks()
         self._capturing = False
-        self._blocks_checked = False
+        # The layers whose weights were checked for uses outside their calls (``_demote_blocks_with_other_uses``)
+        self._checked_layers: set[nn.Module] = set()
         # (input, output, their versions) of each K-FAC layer call in the captured forward pass
         self._calls: dict[nn.Module, list[tuple[th.Tensor, th.Tensor, tuple[int, int]]]] = {}
         # Diagnostics of the last step, for logging
@@ -247,26 +248,28 @@ class KFAC(Optimizer):
                 block_grads[block] = block_grads[block] + weight_grad if block in block_grads else weight_grad
         return block_grads
 
-    def _demote_blocks_with_other_uses(self, loss: th.Tensor) -> None:
+    def _demote_blocks_with_other_uses(self, loss: th.Tensor, blocks: list[int]) -> None:
         """
-        Once, at the first ``backward()``: compare each block's gradient from its captured calls with autograd's,
-        and make diagonal (with a warning) the blocks whose weights the loss also reaches another way, used without
-        calling their layer (``nn.MultiheadAttention`` applies its ``out_proj`` weight functionally) or besides it.
-        The statistics of the layer's calls would not describe their gradient.
+        Once per layer, at its first ``backward()`` with a finite loss: compare each block's gradient from its
+        captured calls with autograd's, and make diagonal (with a warning) the blocks whose weights the loss also
+        reaches another way, used without calling their layer (``nn.MultiheadAttention`` applies its ``out_proj``
+        weight functionally) or besides it. The statistics of the layer's calls would not describe their gradient.
 
         :param loss: the loss of the captured forward pass
+        :param blocks: the indices of the blocks to check (trainable, not checked before)
         """
-        self._blocks_checked = True
-        params = [param for _, weight, bias in self.blocks for param in (weight, bias) if param is not None]
-        if not params:
-            return
+        if not bool(th.isfinite(loss)):
+            return  # a NaN gradient compares as equal to anything: check at the next finite loss
+        self._checked_layers.update(self.blocks[block][0] for block in blocks)
+        params = [param for block in blocks for param in self.blocks[block][1:] if param is not None]
         reference = iter(th.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True))
-        index, outputs = self._captured_outputs()
+        index, outputs = self._captured_outputs(blocks)
         output_grads = th.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True) if outputs else ()
         with th.no_grad():
             reconstructed = self._block_gradients(index, self._captured_rows(index), output_grads)
             demoted = []
-            for block, (module, weight, bias) in enumerate(self.blocks):
+            for block in blocks:
+                module, weight, bias = self.blocks[block]
                 expected = next(reference).reshape(weight.shape[0], -1)
                 if bias is not None:
                     expected = th.cat([expected, next(reference).unsqueeze(1)], dim=1)
@@ -292,12 +295,33 @@ class KFAC(Optimizer):
         in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
         return [param for param in self.param_groups[0]["params"] if id(param) not in in_block]
 
-    def _captured_outputs(self) -> tuple[list[tuple[int, nn.Module, int]], list[th.Tensor]]:
+    def _partition(self, is_live: Callable[[nn.Parameter], bool]) -> tuple[list[int], list[nn.Parameter]]:
         """
-        :return: an index (block, module, call) of the captured layer calls, and their outputs in the same order
+        The parameters an update trains, as Kronecker-factored blocks and diagonal parameters. Freezing a parameter
+        after K-FAC was built (``requires_grad_(False)``) takes it out; the rest of its layer, if any, is then
+        preconditioned by its diagonal.
+
+        :param is_live: whether a parameter takes part in this update
+        :return: the indices of the blocks all of whose parameters do, and the other parameters that do, in the
+            parameter group's order
+        """
+        blocks: list[int] = []
+        in_blocks: set[int] = set()
+        for block, (_, weight, bias) in enumerate(self.blocks):
+            if is_live(weight) and (bias is None or is_live(bias)):
+                blocks.append(block)
+                in_blocks.update(id(param) for param in (weight, bias) if param is not None)
+        diagonal = [param for param in self.param_groups[0]["params"] if id(param) not in in_blocks and is_live(param)]
+        return blocks, diagonal
+
+    def _captured_outputs(self, blocks: list[int]) -> tuple[list[tuple[int, nn.Module, int]], list[th.Tensor]]:
+        """
+        :param blocks: the indices of the blocks to index
+        :return: an index (block, module, call) of their captured layer calls, and their outputs in the same order
         """
         index, outputs = [], []
-        for block, (module, _, _) in enumerate(self.blocks):
+        for block in blocks:
+            module = self.blocks[block][0]
             for call, (layer_input, output, versions) in enumerate(self._calls.get(module, [])):
                 if (layer_input._version, output._version) != versions:
                     raise RuntimeError(
@@ -322,16 +346,25 @@ class KFAC(Optimizer):
         :param fisher_loss: the scalar Fisher loss
         :param batch_size: the number of samples (rows) of the forward pass
         """
-        if self.blocks and not self._captured_outputs()[0]:
+        blocks, free = self._partition(lambda param: param.requires_grad)
+        if blocks and not self._captured_outputs(blocks)[0]:
             # (Checked before the first update's demotion, which would take every uncaptured layer for a shared one)
             raise ValueError("K-FAC.backward: no call of a K-FAC layer was captured: run the forward pass inside capture()")
-        if not self._blocks_checked:
-            self._demote_blocks_with_other_uses(loss)
-        index, outputs = self._captured_outputs()
-        captured_rows = {self._calls[module][call][0].shape[0] for _, module, call in index}
-        if index and captured_rows != {batch_size}:
-            raise ValueError(f"K-FAC.backward: the captured layers saw {sorted(captured_rows)} rows, not {batch_size}")
-        free = self.diagonal_params
+        unchecked = [block for block in blocks if self.blocks[block][0] not in self._checked_layers]
+        if unchecked:
+            self._demote_blocks_with_other_uses(loss, unchecked)
+            blocks, free = self._partition(lambda param: param.requires_grad)
+        index, outputs = self._captured_outputs(blocks)
+        # A layer may see several rows per sample (output locations, a sequence, set elements): the statistics
+        # treat them as rows of the sample, but the count must be whole for `batch_size` to be the samples'
+        for _, module, call in index:
+            layer_input = self._calls[module][call][0]
+            row_count = layer_input.shape[0] if isinstance(module, nn.Conv2d) else layer_input.numel() // layer_input.shape[-1]
+            if row_count % batch_size:
+                raise ValueError(
+                    f"K-FAC.backward: {module} saw {layer_input.shape[0]} inputs of shape {tuple(layer_input.shape[1:])}, "
+                    f"not a whole number of rows for each of the batch's {batch_size} samples"
+                )
         if not outputs and not free:
             return  # nothing trainable (every layer frozen): nothing to accumulate
         loss_grads = th.autograd.grad(loss, [*outputs, *free], retain_graph=True, allow_unused=True)
@@ -355,7 +388,7 @@ class KFAC(Optimizer):
             for param, grad in zip(free, loss_grads[len(outputs) :], strict=True):
                 if grad is not None:
                     self._accumulate_grad(param, grad)
-            self._record(rows, list(fisher_grads[len(outputs) :]), batch_size)
+            self._record(rows, free, list(fisher_grads[len(outputs) :]), batch_size)
         self._calls.clear()
 
     @staticmethod
@@ -369,6 +402,7 @@ class KFAC(Optimizer):
     def _record(
         self,
         rows: dict[int, tuple[list[th.Tensor], list[th.Tensor]]],
+        free: list[nn.Parameter],
         free_grads: list[th.Tensor | None],
         batch_size: int,
     ) -> None:
@@ -385,7 +419,8 @@ class KFAC(Optimizer):
         finite are not recorded (with a warning).
 
         :param rows: for each block, its layer-input rows and Fisher output-gradient rows (one list entry per call)
-        :param free_grads: the Fisher loss's gradients of the free parameters (None where unused)
+        :param free: the parameters with a diagonal preconditioner in this update
+        :param free_grads: their Fisher loss's gradients (None where unused)
         :param batch_size: the number of samples of the forward pass
         """
         updates: list[tuple[nn.Parameter, str, th.Tensor]] = []
@@ -395,7 +430,7 @@ class KFAC(Optimizer):
             weight = self.blocks[block][1]
             updates.append((weight, "A", layer_rows.T @ layer_rows / layer_rows.shape[0]))
             updates.append((weight, "G", batch_size * (grad_rows.T @ grad_rows)))
-        for param, grad in zip(self.diagonal_params, free_grads, strict=True):
+        for param, grad in zip(free, free_grads, strict=True):
             if grad is not None:
                 updates.append((param, "diag", batch_size * grad.detach() ** 2))
         if not updates:
@@ -494,21 +529,26 @@ class KFAC(Optimizer):
             state["inverse_damping"] = damping
         return state["inverse_A"], state["inverse_G"]
 
-    def _precondition(self, grads: list[th.Tensor], damping: float, refresh: bool) -> tuple[list[th.Tensor], list[th.Tensor]]:
+    def _precondition(
+        self, params: list[th.Tensor], grads: list[th.Tensor], damping: float, refresh: bool
+    ) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """
         Δ = F̂⁻¹ ∇ blockwise: (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹ for each layer, ∇ / (diag + λ) for free parameters.
 
         A block without statistics or eigendecomposition gets the damped gradient ∇/λ (F̂ = λI).
 
-        :param grads: the gradients, in the order of the parameter group
+        :param params: the parameters with a gradient, in the order of the parameter group
+        :param grads: their gradients
         :param damping: λ
         :param refresh: whether to recompute the eigendecompositions
         :return: Δ for each parameter, in the same order, and the terms of ∇ᵀΔ (one per block or free parameter)
         """
-        by_param = {param: grad for param, grad in zip(self.param_groups[0]["params"], grads, strict=True)}
+        by_param = {param: grad for param, grad in zip(params, grads, strict=True)}
+        blocks, free = self._partition(lambda param: param in by_param)
         quadratic_terms = []
         failed = 0
-        for _, weight, bias in self.blocks:
+        for block in blocks:
+            _, weight, bias = self.blocks[block]
             state = self.state[weight]
             grad_w = by_param[weight].reshape(weight.shape[0], -1)
             grad = grad_w if bias is None else th.cat([grad_w, by_param[bias].unsqueeze(1)], dim=1)
@@ -526,7 +566,7 @@ class KFAC(Optimizer):
             else:
                 by_param[weight] = direction[:, :-1].reshape(weight.shape)
                 by_param[bias] = direction[:, -1]
-        for param in self.diagonal_params:
+        for param in free:
             state = self.state[param]
             grad = by_param[param]
             by_param[param] = grad / (state["diag"] + damping) if "diag" in state else grad / damping
@@ -545,7 +585,8 @@ class KFAC(Optimizer):
         """
         One K-FAC step with the trust-region scale (see the class docstring).
 
-        A non-finite gradient or step leaves the parameters (and the momentum) unchanged, with a warning.
+        A non-finite gradient or step leaves the parameters (and the momentum) unchanged, with a warning. As in
+        torch's optimizers, a parameter without a gradient (frozen, or not reached by the loss) is left as it is.
 
         :param closure: optional closure re-evaluating the loss
         :return: the closure's loss, if any
@@ -555,9 +596,11 @@ class KFAC(Optimizer):
             with th.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        params: list[th.Tensor] = group["params"]
+        params: list[th.Tensor] = [param for param in group["params"] if param.grad is not None]
+        grads = [param.grad for param in params if param.grad is not None]
+        if not params:
+            return loss
         lr, damping, kl_clip, momentum = group["lr"], group["damping"], group["kl_clip"], group["momentum"]
-        grads = [th.zeros_like(param) if param.grad is None else param.grad for param in params]
         if group["weight_decay"]:
             grads = list(th._foreach_add(grads, params, alpha=group["weight_decay"]))
         grad_norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grads))).item()
@@ -568,7 +611,7 @@ class KFAC(Optimizer):
             return loss
         # Clipping multiplies the gradient, hence Δ, by a constant: it is applied to the scale, not to the tensors
         clip = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
-        first = self.state[params[0]]
+        first = self.state[group["params"][0]]
         step = first.get("step_count", 0) + 1
 
         if step <= self.cold_iters:
@@ -577,7 +620,7 @@ class KFAC(Optimizer):
             self.step_scale = 1.0
         else:
             refresh = (step - self.cold_iters - 1) % self.inverse_update_freq == 0
-            directions, quadratic_terms = self._precondition(grads, damping, refresh)
+            directions, quadratic_terms = self._precondition(params, grads, damping, refresh)
             # ΔᵀF̂Δ = Δᵀ∇ since Δ = F̂⁻¹∇ (with the clipped gradient c·∇, the quadratic is c²·Δᵀ∇)
             quadratic = clip**2 * th.stack(quadratic_terms).sum().item()
             if not math.isfinite(quadratic) or quadratic < 0:

@@ -148,6 +148,11 @@ class PPOKL(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
+        if target_kl is None:
+            raise ValueError(
+                "`target_kl` is the mean KL per update that PPOKL adapts its penalty towards; it cannot be None (in "
+                "SB3's PPO, None turns off early stopping, which PPOKL does not do)"
+            )
         check_positive(target_kl=target_kl, kl_coef=kl_coef)
         check_positive_or_infinite(max_grad_norm=max_grad_norm)
         check_integer(1, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
