@@ -45,8 +45,9 @@ Modes:
     timestep at which the moving average of the training episode returns (the curve's smoothing, ``--smoothing``
     episodes) reaches it, the mean over seeds, and the ratio peer / ours (above 1: ours needs fewer steps).
     With ``--resume``, a run whose JSON is already in ``<output>/runs/`` is read instead of run again, so an
-    interrupted benchmark picks up where it stopped and more seeds can be added to a folder; a saved run whose
-    settings differ from the command's is an error (choose another ``--output``).
+    interrupted benchmark picks up where it stopped and more seeds can be added to a folder (with ``--mode returns``:
+    ``all`` also reads the saved speed measurement, which must be of the same seeds); a saved run whose settings
+    differ from the command's is an error (choose another ``--output``).
 ``all``
     ``speed`` for every environment, then ``returns``.
 
@@ -97,6 +98,15 @@ from sb3_trust.train import (
     resolve_policy,
     split_run_keys,
 )
+
+
+class SavedResultsRefused(ValueError):
+    """
+    The output folder holds results this command must not overwrite or mix in (saved runs or reports, without
+    ``--resume``; runs or a speed measurement made with other settings). Run from the command line, the message
+    is the error, without a traceback.
+    """
+
 
 _KL_NOTE = (
     "sb3_trust bounds the mean KL of the joint action distribution, while sb3-contrib's TRPO averages its KL (and so "
@@ -678,7 +688,7 @@ def load_speed_samples(path: Path, identity: dict[str, Any]) -> tuple[list[Speed
         return None
     saved = json.loads(path.read_text())
     if not isinstance(saved, dict) or saved.get("identity") != identity:
-        raise ValueError(
+        raise SavedResultsRefused(
             f"{path} holds a speed measurement made with other settings (or saved without them): choose another --output"
         )
     provenance = f"{saved.get('date', 'date not recorded')}, {saved.get('code', 'code version not recorded')}"
@@ -707,7 +717,7 @@ def load_finished_run(task: RunTask) -> dict[str, Any] | None:
         saved["timesteps"] = expected["timesteps"]
     differing = sorted(key for key in expected if saved[key] != expected[key])
     if differing:
-        raise ValueError(
+        raise SavedResultsRefused(
             f"{path} was made with other settings ({', '.join(differing)} differ): use another --output, or remove it"
         )
     return result
@@ -1257,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
     returns_mode = args.mode in ("returns", "all")
     saved = [str(task.result_path) for task in tasks if task.result_path.exists()]
     if returns_mode and saved and not args.resume:
-        raise FileExistsError(
+        raise SavedResultsRefused(
             f"{len(saved)} of these runs are already saved (e.g. {saved[0]}): add --resume to use them, or choose "
             "another --output"
         )
@@ -1269,7 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     saved_speed = [str(path) for path in speed_paths.values() if path.exists()]
     if speed_mode and saved_speed and not args.resume:
-        raise FileExistsError(
+        raise SavedResultsRefused(
             f"Speed measurements are already saved at {saved_speed[0]}: add --resume to report them (they are never "
             "measured again nor overwritten), or choose another --output"
         )
@@ -1284,7 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
     derived += [output / f"{args.algo}_{env_id}_curve.png" for env_id in args.env] if returns_mode else []
     existing = [str(path) for path in derived if path.exists()]
     if existing and not args.resume:
-        raise FileExistsError(
+        raise SavedResultsRefused(
             f"{existing[0]} is already there (from another command): choose another --output, or add --resume to "
             "replace it with this command's report, built from the runs saved in the folder (a report of other seeds "
             "is rebuilt from them the same way)"
@@ -1339,4 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SavedResultsRefused as refusal:
+        sys.exit(f"benchmark: error: {refusal}")

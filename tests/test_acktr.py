@@ -368,3 +368,15 @@ def test_parameters_frozen_after_construction_stay_where_they_are() -> None:
     model.learn(64, reset_num_timesteps=False)
     assert all(th.equal(old, new) for old, new in zip(frozen, (policy.log_std, *policy.value_net.parameters()), strict=True))
     assert all(not th.equal(old, new) for old, new in zip(actor, policy.action_net.parameters(), strict=True))
+
+
+def test_a_policy_assigned_to_the_model_trains_with_a_kfac_of_its_own() -> None:
+    model = ACKTR("MlpPolicy", "CartPole-v1", n_steps=8, seed=0)
+    policy = A2C("MlpPolicy", "CartPole-v1", seed=1).policy  # with A2C's RMSprop
+    model.policy = policy
+    before = th.nn.utils.parameters_to_vector(policy.parameters()).detach().clone()
+    model.learn(64)
+    assert isinstance(policy.optimizer, KFAC) and {id(param) for param in policy.optimizer.param_groups[0]["params"]} == {
+        id(param) for param in policy.parameters()
+    }
+    assert not th.equal(before, th.nn.utils.parameters_to_vector(policy.parameters()))

@@ -1,11 +1,14 @@
 import copy
 import inspect
+import warnings
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from sb3_contrib import TRPO as SB3ContribTRPO
+from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
@@ -600,3 +603,101 @@ def test_more_bad_parameters_fail_at_construction(algo: type, kwargs: dict) -> N
 def test_gamma_and_gae_lambda_of_one_are_accepted() -> None:
     # [0, 1] is closed (γ = 1 and λ = 1 are the undiscounted and Monte-Carlo cases)
     NPG("MlpPolicy", "CartPole-v1", gamma=1.0, gae_lambda=1.0)
+
+
+def _flat(parameters: Any) -> th.Tensor:
+    return th.nn.utils.parameters_to_vector(list(parameters)).detach().clone()
+
+
+@pytest.mark.parametrize("donor", [TRPO, PPO])
+def test_a_policy_assigned_to_the_model_trains(donor: type) -> None:
+    # A warm start as with SB3's algorithms: model.policy = another policy (PPO's has one optimizer for everything)
+    model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
+    policy = donor("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, policy_kwargs=dict(net_arch=[16]), seed=5).policy
+    model.policy = policy
+    actor, critic = _flat(policy.mlp_extractor.policy_net.parameters()), _flat(policy.value_net.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skipped update
+        model.learn(128)
+    assert not th.equal(actor, _flat(policy.mlp_extractor.policy_net.parameters()))
+    assert not th.equal(critic, _flat(policy.value_net.parameters()))
+    optimized = {id(param) for group in policy.optimizer.param_groups for param in group["params"]}
+    assert optimized == {id(param) for param in model.critic_parameters}
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_parameters_frozen_after_construction_stay_where_they_are(algo: type[NPG]) -> None:
+    model = algo("MlpPolicy", "Pendulum-v1", **SMALL).learn(64)
+    policy = model.policy
+    for module in (policy.mlp_extractor.policy_net, policy.value_net):
+        module.requires_grad_(False)
+    policy.log_std.requires_grad_(False)
+    frozen = _flat([*policy.mlp_extractor.policy_net.parameters(), *policy.value_net.parameters(), policy.log_std])
+    trained = _flat([*policy.action_net.parameters(), *policy.mlp_extractor.value_net.parameters()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model.learn(128, reset_num_timesteps=False)
+    assert th.equal(
+        frozen, _flat([*policy.mlp_extractor.policy_net.parameters(), *policy.value_net.parameters(), policy.log_std])
+    )
+    new = _flat([*policy.action_net.parameters(), *policy.mlp_extractor.value_net.parameters()])
+    assert not th.equal(trained[: policy.action_net.weight.numel()], new[: policy.action_net.weight.numel()])
+    assert not th.equal(trained[-16:], new[-16:])  # the critic's hidden layer's bias
+
+
+def test_an_interrupted_line_search_puts_the_old_actor_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
+    evaluate_trial = model._evaluate_trial
+    trials: list[th.Tensor] = []
+
+    def interrupted(surrogate: Any, parameters: th.Tensor) -> tuple[float, float]:
+        trials.append(parameters)
+        evaluate_trial(surrogate, parameters)  # the actor is at the trial point now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "_evaluate_trial", interrupted)
+    before = model._actor_parameters_vector()
+    with pytest.raises(KeyboardInterrupt):
+        model.learn(64)
+    assert len(trials) == 1 and not th.equal(trials[0], before)
+    assert th.equal(model._actor_parameters_vector(), before)
+
+
+@pytest.mark.parametrize("saved_by", [PPO, SB3ContribTRPO])
+def test_weights_saved_by_another_algorithm_load(saved_by: type, tmp_path: Any) -> None:
+    # Their optimizer (Adam over the whole policy) does not fit TRPO's critic optimizer: the weights load, it is kept
+    donor = saved_by("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=1).learn(64)
+    donor.save(tmp_path / "donor")
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0)
+    optimizer_state = model.policy.optimizer.state_dict()
+    with pytest.warns(UserWarning, match="does not fit TRPO's"):
+        model.set_parameters(str(tmp_path / "donor"))
+    assert th.equal(_flat(model.policy.parameters()), _flat(donor.policy.parameters()))
+    assert model.policy.optimizer.state_dict() == optimizer_state
+    if saved_by is PPO:
+        return  # load() would also take PPO's data (its target_kl=None): its weights are set_parameters' job
+    with pytest.warns(UserWarning, match="does not fit TRPO's"):
+        loaded = TRPO.load(tmp_path / "donor", env=make_vec_env("Pendulum-v1", n_envs=1))
+    assert th.equal(_flat(loaded.policy.parameters()), _flat(donor.policy.parameters()))
+    loaded.learn(128)  # its critic optimizer has moments of the right shapes
+
+
+class NaNObservationAfter(gym.Wrapper):
+    def __init__(self, env: gym.Env, n_steps: int) -> None:
+        super().__init__(env)
+        self.remaining = n_steps
+        self.actions: list[np.ndarray] = []
+
+    def step(self, action: Any) -> Any:
+        self.actions.append(np.asarray(action))
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.remaining -= 1
+        return (obs * np.nan if self.remaining <= 0 else obs), reward, terminated, truncated, info
+
+
+def test_a_non_finite_observation_stops_the_rollout_before_the_env_gets_a_nan_action() -> None:
+    env = NaNObservationAfter(gym.make("Pendulum-v1"), 10)
+    model = TRPO("MlpPolicy", env, **SMALL)
+    with pytest.raises(ValueError, match="non-finite actions"):
+        model.learn(64)
+    assert len(env.actions) == 10 and all(np.isfinite(action).all() for action in env.actions)

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -136,12 +138,12 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     speed = tmp_path / "trpo_CartPole-v1_speed.json"
     speed_written = speed.stat().st_mtime_ns
     for mode in ("returns", "all"):
-        with pytest.raises(FileExistsError, match="--resume"):
+        with pytest.raises(benchmark.SavedResultsRefused, match="--resume"):
             _run(tmp_path, "--mode", mode, "--speed-updates", "1")
     assert {side: path.stat().st_mtime_ns for side, path in runs.items()} == written
     assert speed.stat().st_mtime_ns == speed_written
     # nor is a saved speed measurement: --resume reports it without measuring again, so --mode all can resume
-    with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="Speed measurements are already saved"):
         _run(tmp_path, "--mode", "speed", "--speed-updates", "1")
     assert _run(tmp_path, "--mode", "all", "--resume", "--speed-updates", "1") == 0
     assert speed.stat().st_mtime_ns == speed_written
@@ -156,19 +158,19 @@ def test_benchmark_speed_and_returns_then_resume(tmp_path: Path) -> None:
     # another command in the same folder (other seeds: no saved run of its own) leaves the reports and curves alone
     curve = tmp_path / "trpo_CartPole-v1_curve.png"
     derived = {path: path.stat().st_mtime_ns for path in (curve, tmp_path / "trpo_CartPole-v1_returns.md")}
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="--resume"):
         _run(tmp_path, "--mode", "returns", "--seeds", "5")
     assert {path: path.stat().st_mtime_ns for path in derived} == derived
     assert not (tmp_path / "runs" / "trpo_CartPole-v1_ours_seed5.json").exists()
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="other settings"):
         _run(tmp_path, "--mode", "speed", "--resume", "--speed-updates", "2")
 
     # a saved run made with other settings is not silently mixed in
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="other settings"):
         _run(tmp_path, "--mode", "returns", "--resume", "--hyperparams", "n_critic_updates=3")
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="other settings"):
         _run(tmp_path, "--mode", "returns", "--resume", "--eval-episodes", "3")
-    with pytest.raises(ValueError, match="threads differ"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="threads differ"):
         _run(tmp_path, "--mode", "returns", "--resume", "--threads", "2")
 
 
@@ -268,7 +270,7 @@ def test_a_saved_speed_measurement_stops_mode_all_before_it_measures(tmp_path: P
         raise AssertionError("measured again")
 
     monkeypatch.setattr(benchmark, "measure_speed", measure_speed)
-    with pytest.raises(FileExistsError, match="Speed measurements are already saved"):
+    with pytest.raises(benchmark.SavedResultsRefused, match="Speed measurements are already saved"):
         benchmark.main(["--algo", "trpo", "--env", "CartPole-v1", "--mode", "all", "--seeds", "0", "--output", str(tmp_path)])
 
 
@@ -297,3 +299,15 @@ def test_learning_run_evaluates_deterministically_with_frozen_statistics(
     ((env, kwargs),) = calls
     assert kwargs["deterministic"] is True
     assert isinstance(env, VecNormalize) and not env.training and not env.norm_reward
+
+
+def test_a_refusal_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "trpo_CartPole-v1_ours_seed0.json").write_text("{}")
+    command = [sys.executable, "-m", "sb3_trust.benchmark", "--env", "CartPole-v1", "--seeds", "0", "--mode", "returns"]
+    finished = subprocess.run([*command, "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert (
+        finished.stderr.startswith("benchmark: error: 1 of these runs are already saved")
+        and "Traceback" not in finished.stderr
+    )

@@ -175,7 +175,12 @@ class ACKTR(TrustOnPolicyAlgorithm):
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        # K-FAC replaces the policy's optimizer, so SB3 saves its statistics (policy.optimizer.pth) and restores them
+        self._build_kfac()
+
+    def _build_kfac(self) -> None:
+        """
+        K-FAC replaces the policy's optimizer, so SB3 saves its statistics (policy.optimizer.pth) and restores them.
+        """
         self.policy.optimizer = KFAC(
             self.policy,
             lr=self.lr_schedule(1),
@@ -217,7 +222,14 @@ class ACKTR(TrustOnPolicyAlgorithm):
         """
         self.policy.set_training_mode(True)
         optimizer = self.policy.optimizer
-        assert isinstance(optimizer, KFAC)
+        policy_parameters = {id(param) for param in self.policy.parameters()}
+        if not isinstance(optimizer, KFAC) or any(
+            id(param) not in policy_parameters for param in optimizer.param_groups[0]["params"]
+        ):
+            # A policy assigned to model.policy trains, as with SB3's algorithms: with a K-FAC of its own
+            self._build_kfac()
+            optimizer = self.policy.optimizer
+            assert isinstance(optimizer, KFAC)
         self._update_learning_rate(optimizer)
         # The model's settings win over those a loaded optimizer state brought back (load(..., custom_objects=...)),
         # and a setting changed on the model applies from the next update, as in SB3's A2C

@@ -178,10 +178,24 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._split_parameters()
+
+    def _split_parameters(self) -> None:
+        """
+        Tell the actor's trainable parameters from the critic's (:func:`split_actor_critic_parameters`), and give the
+        critic its own optimizer when the policy's does not fit. Done at every update, not only at construction:
+        parameters frozen later (``requires_grad_(False)``) then stay where they are, and a policy assigned to
+        ``model.policy`` trains, as with SB3's algorithms.
+        """
         self.actor_parameters, self.critic_parameters = split_actor_critic_parameters(self.policy)
         if not self.critic_parameters:
             # Nothing to regress (the value prediction has no trainable parameter of its own): SB3's optimizer stays
             return
+        optimized = {id(param) for group in self.policy.optimizer.param_groups for param in group["params"]}
+        if {id(param) for param in self.critic_parameters} <= optimized and not any(
+            id(param) in optimized for param in self.actor_parameters
+        ):
+            return  # the critic's optimizer already (built here, or loaded): it keeps its state
         # The critic's own optimizer replaces the policy's, so it is saved and loaded as `policy.optimizer`.
         # Its hundreds of small steps per update are dominated by per-step overhead: plain Adam becomes LeanAdam
         # (torch's fused kernel, called directly), unless the user chose an implementation.
@@ -198,6 +212,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         """
         One natural-gradient update of the actor, then the critic's regression, on the collected rollout.
         """
+        self._split_parameters()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         samples = next(self.rollout_buffer.get(batch_size=None))
@@ -221,7 +236,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             if not bool(th.isfinite(self._actor_parameters_vector() + max_step_size * direction).all()):
                 self._skip_update("the natural-gradient step is not finite")
             else:
-                step = self._take_step(surrogate, direction, max_step_size, objective_before)
+                step = self._interruptible_step(surrogate, direction, max_step_size, objective_before)
         self._record_step(step)
 
         value_loss = self._update_critic(samples)
@@ -301,6 +316,26 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         :return: α
         """
         return float(np.sqrt(2.0 * self.target_kl / quadratic_form))
+
+    def _interruptible_step(
+        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
+    ) -> PolicyStep:
+        """
+        :meth:`_take_step`, with θ_old put back when it is interrupted (Ctrl-C, an exception in the surrogate):
+        the actor must not keep a trial point that the step rule did not accept.
+
+        :param surrogate: the surrogate of this update, frozen at θ_old
+        :param direction: s ≈ (F + λI)⁻¹ g
+        :param max_step_size: α = sqrt(2δ / sᵀ(F + λI)s)
+        :param objective_before: L(θ_old)
+        :return: the step taken
+        """
+        old_parameters = self._actor_parameters_vector()
+        try:
+            return self._take_step(surrogate, direction, max_step_size, objective_before)
+        except BaseException:
+            self._set_actor_parameters(old_parameters)
+            raise
 
     def _set_actor_parameters(self, flat: th.Tensor) -> None:
         set_flat_parameters(self.actor_parameters, flat)

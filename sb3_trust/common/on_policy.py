@@ -1,7 +1,8 @@
 """On-policy base shared by the sb3_trust algorithms: SB3's rollout loop with one forward pass per step."""
 
+import warnings
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch as th
@@ -11,6 +12,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BaseModel
+from stable_baselines3.common.save_util import load_from_zip_file, recursive_getattr
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
@@ -29,6 +31,30 @@ EVALUATION_CHUNK_SIZE = 2048
 # draws its actions through its own get_distribution() when it overrides that (the law the updates use), else through
 # its own forward(), as in SB3's rollout
 ACTION_LAW_METHODS = ("forward", "extract_features", "get_distribution", "_get_action_dist_from_latent")
+
+
+def _optimizer_state_fits(optimizer: th.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """
+    :param optimizer: an optimizer of the model
+    :param state: a saved optimizer state dictionary
+    :return: whether it has the optimizer's parameter groups, with as many parameters each (torch's own check;
+        SB3 would run it after the policy's weights were loaded), and per-parameter tensors of the parameters'
+        shapes where the optimizer's own state has them
+    """
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or [len(group["params"]) for group in groups] != [
+        len(group["params"]) for group in optimizer.param_groups
+    ]:
+        return False
+    saved_ids = [index for group in groups for index in group["params"]]
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param in zip(saved_ids, params, strict=True):
+        own = optimizer.state.get(param, {})
+        for key, value in state.get("state", {}).get(index, {}).items():
+            mine = own.get(key)
+            if isinstance(value, th.Tensor) and isinstance(mine, th.Tensor) and value.shape != mine.shape:
+                return False
+    return True
 
 
 def evaluation_chunks(n_samples: int) -> list[slice]:
@@ -81,6 +107,43 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         super()._setup_model()
         check_policy_methods(self.policy)
 
+    def set_parameters(
+        self,
+        load_path_or_dict: str | TensorDict,
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """
+        SB3's ``set_parameters`` (and so ``load()``), except for an optimizer state that does not fit this model's
+        optimizer: one saved by another algorithm, e.g. PPO's or sb3-contrib's Adam over the whole policy where
+        NPG's and TRPO's optimizer holds the critic only. Its weights are loaded and the optimizer keeps its state,
+        with a warning; SB3 would raise once the weights were loaded, or load moments of the wrong shapes.
+
+        :param load_path_or_dict: a saved model's path (or file), or the dictionary of state dictionaries that
+            ``get_parameters()`` returns
+        :param exact_match: whether every module and parameter of the model must be in the given parameters
+        :param device: where to load them
+        """
+        params: dict[str, Any]
+        if isinstance(load_path_or_dict, dict):
+            params = dict(load_path_or_dict)
+        else:
+            params = dict(load_from_zip_file(load_path_or_dict, device=device, load_data=False)[1] or {})
+        for name, state in params.items():
+            try:
+                optimizer = recursive_getattr(self, name)
+            except AttributeError:
+                continue  # SB3 names it an invalid object name
+            if isinstance(optimizer, th.optim.Optimizer) and not _optimizer_state_fits(optimizer, state):
+                warnings.warn(
+                    f"The saved {name} state does not fit {type(self).__name__}'s {type(optimizer).__name__} (saved by "
+                    "another algorithm?): the weights are loaded, the optimizer keeps its own state",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                params[name] = optimizer.state_dict()
+        super().set_parameters(params, exact_match=exact_match, device=device)
+
     def _check_rollout_size(self) -> None:
         """
         Check the parameters that must fit the rollout (n_steps * n_envs): at construction and before training.
@@ -127,7 +190,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         # Values and log-probabilities are filled in after the rollout, in one batched pass
         placeholder = th.zeros(env.num_envs)
         truncated_episodes: list[tuple[int, int, np.ndarray | dict[str, np.ndarray]]] = []
-        clip_actions = isinstance(self.action_space, spaces.Box) and not self.policy.squash_output
+        continuous_actions = isinstance(self.action_space, spaces.Box)
+        clip_actions = continuous_actions and not self.policy.squash_output
         sample_actions = self._action_sampler()
         callback.on_rollout_start()
 
@@ -138,6 +202,10 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 action_tensor = sample_actions(obs_tensor)
             actions = action_tensor.reshape((-1, *self.action_space.shape)).cpu().numpy()  # type: ignore[misc]
+            if continuous_actions and not np.isfinite(actions).all():
+                # Where torch's argument checks stop SB3's rollout (the direct sampler has none): an environment must
+                # not be stepped with NaN actions
+                raise ValueError("The policy drew non-finite actions: are the observations finite?")
             clipped_actions = actions
             if clip_actions:
                 assert isinstance(self.action_space, spaces.Box)
