@@ -9,7 +9,7 @@ import pytest
 import torch as th
 from sb3_contrib import TRPO as SB3ContribTRPO
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
     IdentityEnv,
@@ -701,3 +701,19 @@ def test_a_non_finite_observation_stops_the_rollout_before_the_env_gets_a_nan_ac
     with pytest.raises(ValueError, match="non-finite actions"):
         model.learn(64)
     assert len(env.actions) == 10 and all(np.isfinite(action).all() for action in env.actions)
+
+
+def test_callbacks_see_no_stale_values_during_a_rollout() -> None:
+    class StepValues(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[Any] = []
+
+        def _on_step(self) -> bool:
+            self.seen.append((self.locals.get("values", "missing"), self.locals.get("log_probs", "missing")))
+            return True
+
+    inner = StepValues()
+    TRPO("MlpPolicy", "CartPole-v1", **SMALL).learn(192, callback=CallbackList([inner]))
+    # the second and third rollouts: SB3's end-of-rollout `values` (the last states') is not left over as a step's
+    assert len(inner.seen) == 192 and all(seen == (None, None) for seen in inner.seen)

@@ -193,6 +193,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         continuous_actions = isinstance(self.action_space, spaces.Box)
         clip_actions = continuous_actions and not self.policy.squash_output
         sample_actions = self._action_sampler()
+        # Not computed per step (see the class docstring): None, rather than what the previous rollout's end left there
+        callback.update_locals(dict(values=None, log_probs=None))
         callback.on_rollout_start()
 
         while n_steps < n_rollout_steps:
