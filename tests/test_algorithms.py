@@ -717,3 +717,19 @@ def test_callbacks_see_no_stale_values_during_a_rollout() -> None:
     TRPO("MlpPolicy", "CartPole-v1", **SMALL).learn(192, callback=CallbackList([inner]))
     # the second and third rollouts: SB3's end-of-rollout `values` (the last states') is not left over as a step's
     assert len(inner.seen) == 192 and all(seen == (None, None) for seen in inner.seen)
+
+
+@pytest.mark.parametrize(
+    "algo, changes, message",
+    [
+        (TRPO, dict(target_kl=-1.0), "target_kl"),
+        (TRPO, dict(line_search_shrinking_factor=1.5), "line_search_shrinking_factor"),
+        (NPG, dict(batch_size=0), "batch_size"),
+        (PPOKL, dict(target_kl=None), "target_kl"),  # what a PPO save would bring
+        (ACKTR, dict(kfac_momentum=1.0), "kfac_momentum"),
+    ],
+)
+def test_load_checks_the_hyperparameters_it_is_given(algo: type, changes: dict, message: str, tmp_path: Any) -> None:
+    algo("MlpPolicy", "CartPole-v1", n_steps=64, **({} if algo is ACKTR else dict(batch_size=32))).save(tmp_path / "model")
+    with pytest.raises(ValueError, match=message):
+        algo.load(tmp_path / "model", **changes)

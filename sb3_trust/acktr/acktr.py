@@ -13,10 +13,11 @@ from torch.nn import functional as F
 from sb3_trust.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trust.common.checks import (
     check_integer,
+    check_momentum,
     check_non_negative,
+    check_open_unit_interval,
     check_positive,
     check_positive_or_infinite,
-    check_unit_interval,
 )
 from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
@@ -123,21 +124,6 @@ class ACKTR(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_integer(1, n_steps=n_steps)
-        check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
-        check_positive(kfac_kl_clip=kfac_kl_clip, kfac_damping=kfac_damping)
-        check_positive_or_infinite(max_grad_norm=max_grad_norm)
-        if not callable(learning_rate):
-            # 0 is allowed, as in SB3 (rl-zoo3's enjoy loads every model with it)
-            check_non_negative(learning_rate=learning_rate)
-        if not 0 < kfac_stat_decay < 1:
-            raise ValueError(f"`kfac_stat_decay` must lie in (0, 1), got {kfac_stat_decay}")
-        check_integer(1, kfac_inverse_update_freq=kfac_inverse_update_freq)
-        check_positive(vf_fisher_coef=vf_fisher_coef)
-        if not 0 <= kfac_momentum < 1:
-            raise ValueError(f"`kfac_momentum` must lie in [0, 1), got {kfac_momentum}")
-        check_integer(0, kfac_cold_iters=kfac_cold_iters)
-        check_non_negative(kfac_weight_decay=kfac_weight_decay)
         super().__init__(
             policy,
             env,
@@ -172,6 +158,19 @@ class ACKTR(TrustOnPolicyAlgorithm):
         self.kfac_weight_decay = kfac_weight_decay
         if _init_setup_model:
             self._setup_model()
+
+    def _check_hyperparameters(self) -> None:
+        super()._check_hyperparameters()
+        check_positive(kfac_kl_clip=self.kfac_kl_clip, kfac_damping=self.kfac_damping, vf_fisher_coef=self.vf_fisher_coef)
+        check_positive_or_infinite(max_grad_norm=self.max_grad_norm)
+        if not callable(self.learning_rate):
+            # 0 is allowed, as in SB3 (rl-zoo3's enjoy loads every model with it)
+            check_non_negative(learning_rate=self.learning_rate)
+        check_open_unit_interval(kfac_stat_decay=self.kfac_stat_decay)
+        check_momentum(kfac_momentum=self.kfac_momentum)
+        check_integer(1, kfac_inverse_update_freq=self.kfac_inverse_update_freq)
+        check_integer(0, kfac_cold_iters=self.kfac_cold_iters)
+        check_non_negative(kfac_weight_decay=self.kfac_weight_decay)
 
     def _setup_model(self) -> None:
         super()._setup_model()

@@ -74,3 +74,25 @@ def check_unit_interval(**values: float) -> None:
         _check_real(name, value)
         if not 0 <= value <= 1:
             raise ValueError(f"`{name}` must lie in [0, 1], got {value}")
+
+
+def check_open_unit_interval(**values: float) -> None:
+    """
+    :param values: named numbers that must lie in (0, 1) (shrinking factors, decays)
+    :raises ValueError: naming the first that does not (NaN included)
+    """
+    for name, value in values.items():
+        _check_real(name, value)
+        if not 0 < value < 1:
+            raise ValueError(f"`{name}` must lie in (0, 1), got {value}")
+
+
+def check_momentum(**values: float) -> None:
+    """
+    :param values: named momentum coefficients, which must lie in [0, 1)
+    :raises ValueError: naming the first that does not (NaN included)
+    """
+    for name, value in values.items():
+        _check_real(name, value)
+        if not 0 <= value < 1:
+            raise ValueError(f"`{name}` must lie in [0, 1), got {value}")

@@ -27,7 +27,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
 
-from sb3_trust.common.checks import check_integer, check_non_negative, check_positive, check_positive_or_infinite
+from sb3_trust.common.checks import (
+    check_integer,
+    check_momentum,
+    check_non_negative,
+    check_open_unit_interval,
+    check_positive,
+    check_positive_or_infinite,
+)
 
 
 def _supported_layer(module: nn.Module) -> bool:
@@ -104,10 +111,8 @@ class KFAC(Optimizer):
         # lr = 0 is allowed: rl-zoo3's enjoy loads models with learning_rate=0
         check_non_negative(lr=lr, weight_decay=weight_decay)
         check_positive(damping=damping, kl_clip=kl_clip, eigenvalue_min=eigenvalue_min)
-        if not 0 < stat_decay < 1:
-            raise ValueError(f"`stat_decay` must lie in (0, 1), got {stat_decay}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"`momentum` must lie in [0, 1), got {momentum}")
+        check_open_unit_interval(stat_decay=stat_decay)
+        check_momentum(momentum=momentum)
         check_integer(1, inverse_update_freq=inverse_update_freq)
         check_integer(0, cold_iters=cold_iters)
         if max_grad_norm is not None:

@@ -15,7 +15,7 @@ from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, 
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from sb3_trust.common.checks import check_integer, check_non_negative, check_positive, check_unit_interval
+from sb3_trust.common.checks import check_integer, check_non_negative, check_positive
 from sb3_trust.common.conjugate_gradient import conjugate_gradient
 from sb3_trust.common.critic import MLPValueRegression, value_head_layers
 from sb3_trust.common.distributions import torch_distributions
@@ -123,11 +123,6 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         cg_tolerance: float = 1e-10,
         _init_setup_model: bool = True,
     ):
-        check_positive(target_kl=target_kl)
-        check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
-        check_integer(1, cg_max_steps=cg_max_steps, n_steps=n_steps, batch_size=batch_size)
-        check_integer(1, n_critic_updates=n_critic_updates, sub_sampling_factor=sub_sampling_factor)
-        check_non_negative(cg_damping=cg_damping, cg_tolerance=cg_tolerance)
         super().__init__(
             policy,
             env,
@@ -160,9 +155,17 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.target_kl = target_kl
         self.sub_sampling_factor = sub_sampling_factor
 
+        self._check_hyperparameters()
         self._check_rollout_size()
         if _init_setup_model:
             self._setup_model()
+
+    def _check_hyperparameters(self) -> None:
+        super()._check_hyperparameters()
+        check_positive(target_kl=self.target_kl)
+        check_integer(1, cg_max_steps=self.cg_max_steps, batch_size=self.batch_size)
+        check_integer(1, n_critic_updates=self.n_critic_updates, sub_sampling_factor=self.sub_sampling_factor)
+        check_non_negative(cg_damping=self.cg_damping, cg_tolerance=self.cg_tolerance)
 
     def _check_rollout_size(self) -> None:
         """

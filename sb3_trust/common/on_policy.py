@@ -18,6 +18,7 @@ from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_trust.common.checks import check_integer, check_unit_interval
 from sb3_trust.common.mlp import LinearStack
 from sb3_trust.common.policies import check_policy_methods, overridden_methods, values_and_distribution
 
@@ -104,8 +105,20 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         )
 
     def _setup_model(self) -> None:
+        # Also where load() builds the model, after its saved data and load()'s keyword arguments replaced the
+        # constructor's values
+        self._check_hyperparameters()
         super()._setup_model()
         check_policy_methods(self.policy)
+
+    def _check_hyperparameters(self) -> None:
+        """
+        Check the hyperparameters' values, at construction and on ``load()``; algorithms add their own.
+
+        :raises ValueError: naming the first that is not allowed
+        """
+        check_integer(1, n_steps=self.n_steps)
+        check_unit_interval(gamma=self.gamma, gae_lambda=self.gae_lambda)
 
     def set_parameters(
         self,

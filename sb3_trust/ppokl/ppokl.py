@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, 
 from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
-from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite, check_unit_interval
+from sb3_trust.common.checks import check_integer, check_positive, check_positive_or_infinite
 from sb3_trust.common.distributions import (
     can_concatenate,
     concatenate_distributions,
@@ -148,25 +148,6 @@ class PPOKL(TrustOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        if target_kl is None:
-            raise ValueError(
-                "`target_kl` is the mean KL per update that PPOKL adapts its penalty towards; it cannot be None (in "
-                "SB3's PPO, None turns off early stopping, which PPOKL does not do)"
-            )
-        check_positive(target_kl=target_kl, kl_coef=kl_coef)
-        check_positive_or_infinite(max_grad_norm=max_grad_norm)
-        check_integer(1, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
-        check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
-        for name, factor in (("kl_tolerance", kl_tolerance), ("kl_coef_factor", kl_coef_factor)):
-            if not 1 < factor < float("inf"):
-                raise ValueError(f"`{name}` must be a finite number > 1, got {factor}")
-        if not 0 < kl_coef_min <= kl_coef_max:
-            raise ValueError(f"Need 0 < `kl_coef_min` <= `kl_coef_max`, got {kl_coef_min} and {kl_coef_max}")
-        if not kl_coef_min <= kl_coef <= kl_coef_max:
-            raise ValueError(f"`kl_coef` ({kl_coef}) must lie in [kl_coef_min, kl_coef_max] = [{kl_coef_min}, {kl_coef_max}]")
-        for name, value in (("clip_range", clip_range), ("clip_range_vf", clip_range_vf)):
-            if isinstance(value, (float, int)):
-                check_positive(**{name: value})
         super().__init__(
             policy,
             env,
@@ -191,19 +172,46 @@ class PPOKL(TrustOnPolicyAlgorithm):
             supported_action_spaces=SUPPORTED_ACTION_SPACES,
         )
         self.batch_size = batch_size
-        self._check_rollout_size()
         self.n_epochs = n_epochs
         self.clip_range = clip_range
         self.clip_range_vf = clip_range_vf
         self.normalize_advantage = normalize_advantage
         self.target_kl = target_kl
-        self.kl_coef = float(kl_coef)
+        self.kl_coef = kl_coef
         self.kl_tolerance = kl_tolerance
         self.kl_coef_factor = kl_coef_factor
         self.kl_coef_min = kl_coef_min
         self.kl_coef_max = kl_coef_max
+        self._check_hyperparameters()
+        self.kl_coef = float(kl_coef)
+        self._check_rollout_size()
         if _init_setup_model:
             self._setup_model()
+
+    def _check_hyperparameters(self) -> None:
+        super()._check_hyperparameters()
+        if self.target_kl is None:
+            raise ValueError(
+                "`target_kl` is the mean KL per update that PPOKL adapts its penalty towards; it cannot be None (in "
+                "SB3's PPO, None turns off early stopping, which PPOKL does not do)"
+            )
+        check_positive(target_kl=self.target_kl, kl_coef=self.kl_coef)
+        check_positive_or_infinite(max_grad_norm=self.max_grad_norm)
+        check_integer(1, batch_size=self.batch_size, n_epochs=self.n_epochs)
+        for name, factor in (("kl_tolerance", self.kl_tolerance), ("kl_coef_factor", self.kl_coef_factor)):
+            check_positive(**{name: factor})
+            if not factor > 1:
+                raise ValueError(f"`{name}` must be a finite number > 1, got {factor}")
+        check_positive(kl_coef_min=self.kl_coef_min, kl_coef_max=self.kl_coef_max)
+        if not self.kl_coef_min <= self.kl_coef_max:
+            raise ValueError(f"Need 0 < `kl_coef_min` <= `kl_coef_max`, got {self.kl_coef_min} and {self.kl_coef_max}")
+        if not self.kl_coef_min <= self.kl_coef <= self.kl_coef_max:
+            raise ValueError(
+                f"`kl_coef` ({self.kl_coef}) must lie in [kl_coef_min, kl_coef_max] = [{self.kl_coef_min}, {self.kl_coef_max}]"
+            )
+        for name, value in (("clip_range", self.clip_range), ("clip_range_vf", self.clip_range_vf)):
+            if isinstance(value, (float, int)):
+                check_positive(**{name: value})
 
     def _check_rollout_size(self) -> None:
         """

@@ -8,7 +8,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_trust.common.checks import check_integer
+from sb3_trust.common.checks import check_integer, check_open_unit_interval
 from sb3_trust.common.line_search import backtracking_line_search
 from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate
@@ -102,9 +102,6 @@ class TRPO(NaturalGradientAlgorithm):
         cg_tolerance: float = 1e-10,
         _init_setup_model: bool = True,
     ):
-        if not 0.0 < line_search_shrinking_factor < 1.0:
-            raise ValueError(f"`line_search_shrinking_factor` must be in (0, 1), got {line_search_shrinking_factor}")
-        check_integer(1, line_search_max_iter=line_search_max_iter)
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
         super().__init__(
@@ -134,6 +131,11 @@ class TRPO(NaturalGradientAlgorithm):
             cg_tolerance=cg_tolerance,
             _init_setup_model=_init_setup_model,
         )
+
+    def _check_hyperparameters(self) -> None:
+        super()._check_hyperparameters()
+        check_open_unit_interval(line_search_shrinking_factor=self.line_search_shrinking_factor)
+        check_integer(1, line_search_max_iter=self.line_search_max_iter)
 
     def _take_step(
         self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
