@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch as th
 from sb3_contrib import TRPO as SB3ContribTRPO
-from stable_baselines3 import PPO
+from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
@@ -733,3 +733,41 @@ def test_load_checks_the_hyperparameters_it_is_given(algo: type, changes: dict, 
     algo("MlpPolicy", "CartPole-v1", n_steps=64, **({} if algo is ACKTR else dict(batch_size=32))).save(tmp_path / "model")
     with pytest.raises(ValueError, match=message):
         algo.load(tmp_path / "model", **changes)
+
+
+def test_updates_leave_the_observation_spaces_random_stream_alone() -> None:
+    # The actor/critic split draws an observation from the policy's observation space, which is often the env's
+    # own: an env that samples from it must see the same stream as before (the split runs again only on changes)
+    model = TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), **SMALL)
+    space = model.policy.observation_space
+    before = copy.deepcopy(space.np_random.bit_generator.state)
+    model.learn(192)
+    assert space.np_random.bit_generator.state == before
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_a_frozen_actor_lets_the_critic_learn(algo: type[NPG]) -> None:
+    # Pre-training a critic: the whole actor frozen after construction
+    model = algo("MlpPolicy", "Pendulum-v1", **SMALL)
+    policy = model.policy
+    for module in (policy.mlp_extractor.policy_net, policy.action_net):
+        module.requires_grad_(False)
+    policy.log_std.requires_grad_(False)
+    actor = _flat([*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters(), policy.log_std])
+    critic = _flat(policy.value_net.parameters())
+    with pytest.warns(RuntimeWarning, match="every actor parameter is frozen"):
+        model.learn(128)
+    assert th.equal(
+        actor, _flat([*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters(), policy.log_std])
+    )
+    assert not th.equal(critic, _flat(policy.value_net.parameters()))
+
+
+@pytest.mark.parametrize("algo, saved_by", [(PPOKL, A2C), (ACKTR, A2C), (ACKTR, PPO), (PPOKL, ACKTR)])
+def test_another_optimizers_state_is_not_loaded(algo: type, saved_by: type, tmp_path: Any) -> None:
+    # Same parameter count, another optimizer: RMSprop's state in Adam or K-FAC would fail or be kept as junk
+    saved_by("MlpPolicy", "CartPole-v1", n_steps=8, seed=1).learn(16).save(tmp_path / "donor")
+    model = algo("MlpPolicy", "CartPole-v1", n_steps=8, **({} if algo is ACKTR else dict(batch_size=8)))
+    with pytest.warns(UserWarning, match="does not fit"):
+        model.set_parameters(str(tmp_path / "donor"))
+    model.learn(16)

@@ -411,3 +411,8 @@ def test_an_error_inside_the_kl_is_not_taken_for_a_missing_closed_form(monkeypat
     model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **SMALL)
     with pytest.raises(TypeError, match="a bug inside the KL"):
         model.learn(128)
+
+
+def test_an_unbounded_kl_coef_max_is_accepted_and_loads(tmp_path: Any) -> None:
+    PPOKL("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, kl_coef_max=float("inf")).save(tmp_path / "model")
+    assert PPOKL.load(tmp_path / "model").kl_coef_max == float("inf")

@@ -181,15 +181,24 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._split_key: tuple[int, ...] | None = None
         self._split_parameters()
+        if not self.actor_parameters:
+            raise ValueError("The policy's action distribution does not depend on any trainable parameter")
 
     def _split_parameters(self) -> None:
         """
         Tell the actor's trainable parameters from the critic's (:func:`split_actor_critic_parameters`), and give the
-        critic its own optimizer when the policy's does not fit. Done at every update, not only at construction:
+        critic its own optimizer when the policy's does not fit. Checked at every update, not only at construction:
         parameters frozen later (``requires_grad_(False)``) then stay where they are, and a policy assigned to
-        ``model.policy`` trains, as with SB3's algorithms.
+        ``model.policy`` trains, as with SB3's algorithms. Split again only when the policy or its trainable
+        parameters changed: the split draws an observation from the observation space, which may be the
+        environment's, and so its random stream.
         """
+        split_key = (id(self.policy), *(id(param) for param in self.policy.parameters() if param.requires_grad))
+        if split_key == self._split_key:
+            return
+        self._split_key = split_key
         self.actor_parameters, self.critic_parameters = split_actor_critic_parameters(self.policy)
         if not self.critic_parameters:
             # Nothing to regress (the value prediction has no trainable parameter of its own): SB3's optimizer stays
@@ -219,7 +228,30 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         samples = next(self.rollout_buffer.get(batch_size=None))
+        if self.actor_parameters:
+            step = self._update_actor(samples)
+        else:
+            self._skip_update("every actor parameter is frozen (requires_grad=False): only the critic learns")
+            step = PolicyStep(0.0, 0.0, 0.0, 0, False)
+        self._record_step(step)
 
+        value_loss = self._update_critic(samples)
+        self._n_updates += 1
+
+        self.logger.record("train/value_loss", value_loss)
+        self.logger.record(
+            "train/explained_variance",
+            explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()),
+        )
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _update_actor(self, samples: RolloutBufferSamples) -> PolicyStep:
+        """
+        The natural-gradient step of the actor.
+
+        :param samples: the whole rollout
+        :return: the step taken (the zero step when the update is skipped)
+        """
         # 1. Samples and surrogate L(θ) (seed 004, Eq. 31)
         surrogate = self._build_surrogate(samples)
         evaluation = surrogate.evaluate()
@@ -240,17 +272,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
                 self._skip_update("the natural-gradient step is not finite")
             else:
                 step = self._interruptible_step(surrogate, direction, max_step_size, objective_before)
-        self._record_step(step)
-
-        value_loss = self._update_critic(samples)
-        self._n_updates += 1
-
-        self.logger.record("train/value_loss", value_loss)
-        self.logger.record(
-            "train/explained_variance",
-            explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()),
-        )
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        return step
 
     def _build_surrogate(self, samples: RolloutBufferSamples) -> ImportanceSampledSurrogate:
         """
@@ -487,4 +509,4 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         return autograd_step
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "actor_parameters", "critic_parameters"]
+        return [*super()._excluded_save_params(), "actor_parameters", "critic_parameters", "_split_key"]

@@ -1,5 +1,6 @@
 """On-policy base shared by the sb3_trust algorithms: SB3's rollout loop with one forward pass per step."""
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,13 +40,21 @@ def _optimizer_state_fits(optimizer: th.optim.Optimizer, state: dict[str, Any]) 
     :param optimizer: an optimizer of the model
     :param state: a saved optimizer state dictionary
     :return: whether it has the optimizer's parameter groups, with as many parameters each (torch's own check;
-        SB3 would run it after the policy's weights were loaded), and per-parameter tensors of the parameters'
-        shapes where the optimizer's own state has them
+        SB3 would run it after the policy's weights were loaded), loads into a copy of the optimizer with every
+        setting the optimizer's groups have (another optimizer's state, e.g. RMSprop's in an Adam, lacks some), and
+        holds tensors of the shapes of the optimizer's own state where it has any
     """
     groups = state.get("param_groups")
     if not isinstance(groups, list) or [len(group["params"]) for group in groups] != [
         len(group["params"]) for group in optimizer.param_groups
     ]:
+        return False
+    probe = copy.copy(optimizer)  # load_state_dict gives the copy new groups and state; the optimizer keeps its own
+    try:
+        probe.load_state_dict(state)
+    except Exception:  # whatever the optimizer class refuses (e.g. Adam's __setstate__ on RMSprop's state)
+        return False
+    if any(set(own) - set(loaded) for own, loaded in zip(optimizer.param_groups, probe.param_groups, strict=True)):
         return False
     saved_ids = [index for group in groups for index in group["params"]]
     params = [param for group in optimizer.param_groups for param in group["params"]]

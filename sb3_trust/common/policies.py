@@ -55,7 +55,8 @@ def split_actor_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[nn.Pa
     natural-gradient step only, and the critic regresses on its (fixed) features.
 
     :param policy: the policy to inspect
-    :return: (actor parameters, critic parameters), each in ``policy.parameters()`` order
+    :return: (actor parameters, critic parameters), each in ``policy.parameters()`` order; the first is empty when
+        the action distribution depends on no trainable parameter
     """
     params = [param for param in policy.parameters() if param.requires_grad]
     observation = policy.observation_space.sample()
@@ -68,8 +69,6 @@ def split_actor_critic_parameters(policy: ActorCriticPolicy) -> tuple[list[nn.Pa
     policy.set_training_mode(was_training)
     actor = [param for param, used in zip(params, in_actor, strict=True) if used]
     critic = [param for param, used, by_actor in zip(params, in_critic, in_actor, strict=True) if used and not by_actor]
-    if not actor:
-        raise ValueError("The policy's action distribution does not depend on any trainable parameter")
     return actor, critic
 
 

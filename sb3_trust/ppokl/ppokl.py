@@ -202,7 +202,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
             check_positive(**{name: factor})
             if not factor > 1:
                 raise ValueError(f"`{name}` must be a finite number > 1, got {factor}")
-        check_positive(kl_coef_min=self.kl_coef_min, kl_coef_max=self.kl_coef_max)
+        check_positive(kl_coef_min=self.kl_coef_min)
+        check_positive_or_infinite(kl_coef_max=self.kl_coef_max)  # inf: β has no upper bound
         if not self.kl_coef_min <= self.kl_coef_max:
             raise ValueError(f"Need 0 < `kl_coef_min` <= `kl_coef_max`, got {self.kl_coef_min} and {self.kl_coef_max}")
         if not self.kl_coef_min <= self.kl_coef <= self.kl_coef_max:
