@@ -19,10 +19,12 @@ from stable_baselines3.common.envs import (
     SimpleMultiObsEnv,
 )
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_trust import ACKTR, NPG, PPOKL, TRPO
+from sb3_trust.common import on_policy
 from sb3_trust.common.critic import MLPValueRegression
 from sb3_trust.common.distributions import detach_distribution, mean_kl
 from sb3_trust.common.mlp import LinearStack
@@ -745,22 +747,43 @@ def test_updates_leave_the_observation_spaces_random_stream_alone() -> None:
     assert space.np_random.bit_generator.state == before
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_a_frozen_actor_lets_the_critic_learn(algo: type[NPG]) -> None:
-    # Pre-training a critic: the whole actor frozen after construction
-    model = algo("MlpPolicy", "Pendulum-v1", **SMALL)
-    policy = model.policy
+def _freeze_actor(policy: ActorCriticPolicy) -> None:
     for module in (policy.mlp_extractor.policy_net, policy.action_net):
         module.requires_grad_(False)
     policy.log_std.requires_grad_(False)
-    actor = _flat([*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters(), policy.log_std])
-    critic = _flat(policy.value_net.parameters())
+
+
+class FrozenActorPolicy(ActorCriticPolicy):
+    """A policy built with its actor frozen (a critic to pre-train)."""
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        _freeze_actor(self)
+
+
+def _actor_and_critic(policy: ActorCriticPolicy) -> tuple[th.Tensor, th.Tensor]:
+    actor = [*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters(), policy.log_std]
+    return _flat(actor), _flat(policy.value_net.parameters())
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("when", ["at construction", "after construction"])
+def test_a_frozen_actor_lets_the_critic_learn(algo: type[NPG], when: str) -> None:
+    # Pre-training a critic: the whole actor frozen, in the policy's class or on a built model
+    if when == "at construction":
+        model = algo(FrozenActorPolicy, "Pendulum-v1", **SMALL)
+    else:
+        model = algo("MlpPolicy", "Pendulum-v1", **SMALL).learn(64)
+        keys_of_an_update = {key for key in model.logger.name_to_value if key.startswith("train/")}
+        _freeze_actor(model.policy)
+    actor, critic = _actor_and_critic(model.policy)
     with pytest.warns(RuntimeWarning, match="every actor parameter is frozen"):
-        model.learn(128)
-    assert th.equal(
-        actor, _flat([*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters(), policy.log_std])
-    )
-    assert not th.equal(critic, _flat(policy.value_net.parameters()))
+        model.learn(128, reset_num_timesteps=False)
+    new_actor, new_critic = _actor_and_critic(model.policy)
+    assert th.equal(actor, new_actor) and not th.equal(critic, new_critic)
+    if when == "after construction":  # a skipped update logs the keys of any other
+        assert keys_of_an_update <= set(model.logger.name_to_value)
+        assert model.logger.name_to_value["train/step_size"] == 0.0
 
 
 @pytest.mark.parametrize("algo, saved_by", [(PPOKL, A2C), (ACKTR, A2C), (ACKTR, PPO), (PPOKL, ACKTR)])
@@ -768,6 +791,11 @@ def test_another_optimizers_state_is_not_loaded(algo: type, saved_by: type, tmp_
     # Same parameter count, another optimizer: RMSprop's state in Adam or K-FAC would fail or be kept as junk
     saved_by("MlpPolicy", "CartPole-v1", n_steps=8, seed=1).learn(16).save(tmp_path / "donor")
     model = algo("MlpPolicy", "CartPole-v1", n_steps=8, **({} if algo is ACKTR else dict(batch_size=8)))
+    optimizer = model.policy.optimizer
+    own_state, defaults = copy.deepcopy(optimizer.state_dict()), dict(optimizer.defaults)
+    assert not on_policy._optimizer_state_fits(optimizer, load_from_zip_file(tmp_path / "donor")[1]["policy.optimizer"])
+    # the trial load went into a copy
+    assert optimizer.defaults == defaults and str(optimizer.state_dict()) == str(own_state)
     with pytest.warns(UserWarning, match="does not fit"):
         model.set_parameters(str(tmp_path / "donor"))
     model.learn(16)

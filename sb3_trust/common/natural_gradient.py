@@ -183,16 +183,17 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         super()._setup_model()
         self._split_key: tuple[int, ...] | None = None
         self._split_parameters()
-        if not self.actor_parameters:
+        if not self.actor_parameters and all(param.requires_grad for param in self.policy.parameters()):
+            # (With frozen parameters, the actor may be frozen on purpose: train() then fits the critic alone)
             raise ValueError("The policy's action distribution does not depend on any trainable parameter")
 
     def _split_parameters(self) -> None:
         """
         Tell the actor's trainable parameters from the critic's (:func:`split_actor_critic_parameters`), and give the
-        critic its own optimizer when the policy's does not fit. Checked at every update, not only at construction:
-        parameters frozen later (``requires_grad_(False)``) then stay where they are, and a policy assigned to
-        ``model.policy`` trains, as with SB3's algorithms. Split again only when the policy or its trainable
-        parameters changed: the split draws an observation from the observation space, which may be the
+        critic its own optimizer when the policy's does not fit. Run at every update, not only at construction, so that
+        parameters frozen later (``requires_grad_(False)``) stay where they are and a policy assigned to
+        ``model.policy`` trains, as with SB3's algorithms; but the split is made again only when the policy or its
+        trainable parameters changed: it draws an observation from the observation space, which may be the
         environment's, and so its random stream.
         """
         split_key = (id(self.policy), *(id(param) for param in self.policy.parameters() if param.requires_grad))
@@ -228,12 +229,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         samples = next(self.rollout_buffer.get(batch_size=None))
-        if self.actor_parameters:
-            step = self._update_actor(samples)
-        else:
-            self._skip_update("every actor parameter is frozen (requires_grad=False): only the critic learns")
-            step = PolicyStep(0.0, 0.0, 0.0, 0, False)
-        self._record_step(step)
+        self._record_step(self._update_actor(samples))
 
         value_loss = self._update_critic(samples)
         self._n_updates += 1
@@ -257,6 +253,12 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         evaluation = surrogate.evaluate()
         objective_before = evaluation.objective.item()
         self._record_distribution_stats(evaluation.distribution)
+        if not self.actor_parameters:
+            # Every actor parameter frozen (requires_grad_(False)): a skipped update, g and s are empty
+            self.logger.record("train/cg_iterations", 0)
+            self.logger.record("train/cg_residual", 0.0)
+            self._skip_update("every actor parameter is frozen: only the critic learns")
+            return PolicyStep(0.0, 0.0, 0.0, 0, False)
         gradient = flat_gradient(evaluation.objective, self.actor_parameters, retain_graph=True)
 
         # 2. Natural-gradient direction s = (F + λI)⁻¹ g, and sᵀ(F + λI)s for the step size

@@ -1,6 +1,5 @@
 """On-policy base shared by the sb3_trust algorithms: SB3's rollout loop with one forward pass per step."""
 
-import copy
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -49,7 +48,10 @@ def _optimizer_state_fits(optimizer: th.optim.Optimizer, state: dict[str, Any]) 
         len(group["params"]) for group in optimizer.param_groups
     ]:
         return False
-    probe = copy.copy(optimizer)  # load_state_dict gives the copy new groups and state; the optimizer keeps its own
+    # A copy (its defaults too: torch's __setstate__ adds to them) that load_state_dict gives new groups and state
+    probe = object.__new__(type(optimizer))
+    probe.__dict__.update(vars(optimizer))
+    probe.defaults = dict(optimizer.defaults)
     try:
         probe.load_state_dict(state)
     except Exception:  # whatever the optimizer class refuses (e.g. Adam's __setstate__ on RMSprop's state)
