@@ -143,7 +143,6 @@ class KFAC(Optimizer):
                 continue  # tied to another module: a gradient from elsewhere that this layer's statistics do not see
             self.blocks.append((module, weight, bias))
             module.register_forward_hook(self._forward_hook)
-        self.diagonal_params = self._parameters_outside_blocks()
         self._capturing = False
         # The layers whose weights were checked for uses outside their calls (``_demote_blocks_with_other_uses``)
         self._checked_layers: set[nn.Module] = set()
@@ -290,15 +289,14 @@ class KFAC(Optimizer):
             stacklevel=3,
         )
         self.blocks = [block for block in self.blocks if all(block[0] is not module for module in demoted)]
-        self.diagonal_params = self._parameters_outside_blocks()
 
-    def _parameters_outside_blocks(self) -> list[nn.Parameter]:
+    @property
+    def diagonal_params(self) -> list[nn.Parameter]:
         """
-        :return: the optimised parameters that no Kronecker-factored block holds (they get a diagonal preconditioner),
-            in the parameter group's order
+        :return: the trainable parameters that get a diagonal preconditioner (outside every Kronecker-factored block
+            they train), in the parameter group's order
         """
-        in_block = {id(param) for _, weight, bias in self.blocks for param in (weight, bias) if param is not None}
-        return [param for param in self.param_groups[0]["params"] if id(param) not in in_block]
+        return self._partition(lambda param: param.requires_grad)[1]
 
     def _partition(self, is_live: Callable[[nn.Parameter], bool]) -> tuple[list[int], list[nn.Parameter]]:
         """
