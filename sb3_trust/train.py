@@ -143,17 +143,15 @@ def is_atari_game(env_id: str) -> bool:
     return name in gym.registry and "AtariEnv" in str(gym.registry[name].entry_point)
 
 
-def wrapper_class(value: Any) -> Callable[[gym.Env], gym.Env] | None:
+def wrapper_items(value: Any) -> list[tuple[Any, dict[str, Any]]]:
     """
     :param value: a zoo entry's ``env_wrapper``, in rl-zoo3's forms: a wrapper's dotted path, a mapping of one path to
         its keyword arguments, or a list of these (applied in order), or None
-    :return: a function that wraps one environment, or None for no wrapper
+    :return: the wrappers with their keyword arguments, in order
     :raises TypeError: for another form
     """
-    if value is None:
-        return None
     wrappers: list[tuple[Any, dict[str, Any]]] = []
-    for item in value if isinstance(value, list) else [value]:
+    for item in [] if value is None else value if isinstance(value, list) else [value]:
         if isinstance(item, str):
             wrappers.append((import_object(item), {}))
         elif isinstance(item, dict) and len(item) == 1:
@@ -161,6 +159,18 @@ def wrapper_class(value: Any) -> Callable[[gym.Env], gym.Env] | None:
             wrappers.append((import_object(path), keyword_arguments(kwargs, f"env_wrapper {path}")))
         else:
             raise TypeError(f"`env_wrapper` items must be a dotted path or {{path: kwargs}}, got {item!r}")
+    return wrappers
+
+
+def wrapper_class(value: Any) -> Callable[[gym.Env], gym.Env] | None:
+    """
+    :param value: a zoo entry's ``env_wrapper`` (the forms of ``wrapper_items``), or None
+    :return: a function that wraps one environment, or None for no wrapper
+    :raises TypeError: for another form
+    """
+    if value is None:
+        return None
+    wrappers = wrapper_items(value)
 
     def wrap(env: gym.Env) -> gym.Env:
         for wrapper, kwargs in wrappers:
@@ -168,6 +178,37 @@ def wrapper_class(value: Any) -> Callable[[gym.Env], gym.Env] | None:
         return env
 
     return wrap
+
+
+def repeated_frame_skip(env_id: str, run: dict[str, Any]) -> str | None:
+    """
+    SB3's ``AtariWrapper`` repeats each action over ``frame_skip`` frames (4 by default), as for the ``NoFrameskip``
+    games that rl-zoo3's Atari settings are made for. ALE's v5 games (and the v0/v4 ones without ``NoFrameskip``)
+    already repeat it themselves, so with the wrapper each action lasts e.g. 16 frames: the policy then sees a
+    different game than those settings assume, and nothing fails.
+
+    :param env_id: a Gymnasium environment id, with or without a module prefix
+    :param run: the zoo entry's run keys (``env_wrapper``, ``env_kwargs``)
+    :return: a warning saying so when it is the case, else None
+    """
+    from stable_baselines3.common.atari_wrappers import AtariWrapper
+
+    if not is_atari_game(env_id):
+        return None
+    registered_skip = gym.registry[registered_id(env_id)].kwargs.get("frameskip", 1)
+    game_skip = keyword_arguments(run.get("env_kwargs"), "env_kwargs").get("frameskip", registered_skip)
+    wrapper_skips = [
+        kwargs.get("frame_skip", 4)
+        for wrapper, kwargs in wrapper_items(run.get("env_wrapper"))
+        if isinstance(wrapper, type) and issubclass(wrapper, AtariWrapper)
+    ]
+    if game_skip == 1 or not any(skip > 1 for skip in wrapper_skips):
+        return None
+    return (
+        f"{env_id} already repeats each action over {game_skip} frames (its `frameskip`), and the entry's AtariWrapper "
+        f"repeats it {max(wrapper_skips)} times more: for the Atari settings, use the NoFrameskip-v4 game (e.g. "
+        "PongNoFrameskip-v4, as rl-zoo3 does), or set `env_kwargs: {frameskip: 1}`"
+    )
 
 
 def linear_schedules(hyperparameters: dict[str, Any]) -> dict[str, Any]:
@@ -363,6 +404,9 @@ def main(argv: list[str] | None = None) -> float:
     timesteps = args.timesteps if args.timesteps is not None else int(float(run.get("n_timesteps", 100_000)))
 
     gamma = float(hyperparameters["gamma"]) if "gamma" in hyperparameters else None
+    frame_skip_warning = repeated_frame_skip(args.env, run)
+    if frame_skip_warning is not None:
+        warnings.warn(frame_skip_warning, UserWarning, stacklevel=2)
     env = build_env(args.env, run, args.seed, gamma)
     policy = resolve_policy(run.get("policy", "MlpPolicy"))
     model = ALGORITHMS[algo](policy, env, seed=args.seed, verbose=0, **hyperparameters)

@@ -15,11 +15,12 @@ Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sb3_trust.train import ALGORITHMS, ATARI_ENTRY, CONFIG_DIR, is_atari_game, register_atari_games
+from sb3_trust.train import ALGORITHMS, ATARI_ENTRY, CONFIG_DIR, is_atari_game, register_atari_games, repeated_frame_skip
 
 COMMANDS = ("train", "enjoy")
 
@@ -167,6 +168,27 @@ def _option_value(arguments: list[str], *names: str) -> str | None:
     return found
 
 
+def _env_kwargs(arguments: list[str]) -> dict[str, Any] | None:
+    """
+    :param arguments: command-line arguments
+    :return: the last ``--env-kwargs key:value ...`` read as rl-zoo3 reads it (each value a Python expression), or
+        None when absent or not readable (rl-zoo3 then reports it)
+    """
+    starts = [index for index, argument in enumerate(arguments) if argument == "--env-kwargs"]
+    if not starts:
+        return None
+    env_kwargs = {}
+    for argument in arguments[starts[-1] + 1 :]:
+        if argument.startswith("-"):
+            break
+        key, _, value = argument.partition(":")
+        try:
+            env_kwargs[key] = eval(value)
+        except Exception:
+            return None
+    return env_kwargs
+
+
 def default_config(algo: str) -> Path | None:
     """
     :param algo: the ``--algo`` of a ``train`` command
@@ -186,13 +208,15 @@ def default_config(algo: str) -> Path | None:
     return config
 
 
-def check_atari_entry(config: Path, env_id: str) -> None:
+def check_atari_entry(config: Path, env_id: str, env_kwargs: dict[str, Any] | None = None) -> None:
     """
     rl-zoo3 reads an Atari game without an entry of its own from the file's ``atari`` entry, and fails with a bare
-    ``KeyError`` when there is none: say so instead.
+    ``KeyError`` when there is none: say so instead. Warn, too, when the entry's ``AtariWrapper`` repeats the actions
+    of a game that already repeats them (``repeated_frame_skip``).
 
     :param config: the YAML file a ``train`` command reads
     :param env_id: its ``--env``
+    :param env_kwargs: its ``--env-kwargs`` (they replace the entry's)
     :raises SystemExit: for an Atari game that the file has neither an entry nor an ``atari`` entry for
     """
     import yaml
@@ -208,6 +232,12 @@ def check_atari_entry(config: Path, env_id: str) -> None:
             f"{config} has no entry for {env_id} and no {ATARI_ENTRY!r} entry, which rl-zoo3 uses for Atari games: "
             "add one, or pass --conf-file with one (zoo_configs/ ships one for acktr and ppokl)"
         )
+    entry = dict(entries.get(env_id, entries.get(ATARI_ENTRY)) or {})
+    if env_kwargs is not None:
+        entry["env_kwargs"] = env_kwargs
+    frame_skip_warning = repeated_frame_skip(env_id, entry)
+    if frame_skip_warning is not None:
+        warnings.warn(frame_skip_warning, UserWarning, stacklevel=2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         user_config = _option_value(arguments, "--conf-file", "-conf")
         config = Path(user_config) if user_config is not None else default_config(_option_value(arguments, "--algo") or "ppo")
         if config is not None:
-            check_atari_entry(config, _option_value(arguments, "--env") or "CartPole-v1")
+            check_atari_entry(config, _option_value(arguments, "--env") or "CartPole-v1", _env_kwargs(arguments))
         if user_config is None and config is not None:
             # First, so that a --conf-file the user gave in a spelling not recognised above still wins: argparse keeps
             # the last value of an option

@@ -1,5 +1,6 @@
 """Atari games: the zoo's `atari` entries through ``python -m sb3_trust.train`` and rl-zoo3, K-FAC on NatureCNN."""
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,38 @@ def test_rl_zoo_trains_with_the_atari_entry(tmp_path: Path) -> None:
     assert model.observation_space.shape == (4, 84, 84)
     with pytest.raises(SystemExit, match="no 'atari' entry"):
         zoo.main(["train", "--algo", "trpo", "--env", GAME, "-n", "1024", "-f", str(tmp_path)])
+
+
+def test_repeated_frame_skip_is_named() -> None:
+    atari_wrapper = ["stable_baselines3.common.atari_wrappers.AtariWrapper"]
+    # ALE's v5 games skip 4 frames themselves, v4 without NoFrameskip 2-4 at random: with the wrapper's 4, 8-16
+    for game in ("ALE/Pong-v5", "ale_py:ALE/Pong-v5", "Pong-v4"):
+        warning = train.repeated_frame_skip(game, {"env_wrapper": atari_wrapper})
+        assert warning is not None and "NoFrameskip" in warning and "frameskip: 1" in warning
+    assert train.repeated_frame_skip(GAME, {"env_wrapper": atari_wrapper}) is None
+    assert train.repeated_frame_skip("ALE/Pong-v5", {"env_wrapper": atari_wrapper, "env_kwargs": {"frameskip": 1}}) is None
+    assert train.repeated_frame_skip("ALE/Pong-v5", {}) is None  # the game's own skip alone, no wrapper
+    no_skip = [{"stable_baselines3.common.atari_wrappers.AtariWrapper": {"frame_skip": 1}}]
+    assert train.repeated_frame_skip("ALE/Pong-v5", {"env_wrapper": no_skip}) is None
+    assert train.repeated_frame_skip("CartPole-v1", {"env_wrapper": atari_wrapper}) is None
+
+
+def test_both_scripts_warn_of_a_repeated_frame_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sb3_trust import zoo
+
+    config = tmp_path / "ppokl.yml"
+    config.write_text("atari:\n  env_wrapper:\n    - stable_baselines3.common.atari_wrappers.AtariWrapper\n")
+    with pytest.warns(UserWarning, match="repeats it 4 times more"):
+        zoo.check_atari_entry(config, "ALE/Pong-v5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zoo.check_atari_entry(config, "ALE/Pong-v5", {"frameskip": 1})
+        zoo.check_atari_entry(config, GAME)
+    env_kwargs = zoo._env_kwargs(["--env", "x", "--env-kwargs", "frameskip:1", "mode:'a'", "-n", "5"])
+    assert env_kwargs == {"frameskip": 1, "mode": "a"}
+    assert zoo._env_kwargs(["--env", "x"]) is None
+
+    # python -m sb3_trust.train warns before it builds anything (the run itself is the first test's)
+    monkeypatch.setattr(train, "build_env", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("built")))
+    with pytest.warns(UserWarning, match="repeats it 4 times more"), pytest.raises(RuntimeError, match="built"):
+        main(["--algo", "acktr", "--env", "ALE/Pong-v5", "--output", str(tmp_path)])
