@@ -1,3 +1,4 @@
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -273,7 +274,7 @@ def test_dict_observations_and_clipping_options() -> None:
         (dict(gae_lambda=float("nan")), "gae_lambda"),
         (dict(kl_coef_min=2.0, kl_coef_max=1.0), "kl_coef_min"),
         (dict(kl_coef=1e5), "kl_coef"),
-        (dict(n_steps=64, batch_size=48), "batch_size"),
+        (dict(batch_size=1), "greater than 1"),  # as SB3's PPO: one sample has no advantages to normalize
         (dict(clip_range=-0.1), "clip_range"),
         (dict(clip_range_vf=0.0), "clip_range_vf"),
         (dict(max_grad_norm=-0.5), "max_grad_norm"),
@@ -416,3 +417,47 @@ def test_an_error_inside_the_kl_is_not_taken_for_a_missing_closed_form(monkeypat
 def test_an_unbounded_kl_coef_max_is_accepted_and_loads(tmp_path: Any) -> None:
     PPOKL("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, kl_coef_max=float("inf")).save(tmp_path / "model")
     assert PPOKL.load(tmp_path / "model").kl_coef_max == float("inf")
+
+
+@pytest.mark.parametrize(
+    "batch_size, expected, message", [(48, [48, 16], "last minibatch has 16 transitions"), (256, [64], "one minibatch")]
+)
+def test_a_batch_size_that_does_not_divide_the_rollout_is_trained_as_ppo_trains_it(
+    batch_size: int, expected: list[int], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As SB3's PPO: a warning at construction, and each epoch ends with the shorter minibatch
+    with pytest.warns(UserWarning, match=message):
+        model = PPOKL("MlpPolicy", "CartPole-v1", **{**SMALL, "batch_size": batch_size})
+    sizes: list[int] = []
+    minibatch_loss = model._minibatch_loss
+    monkeypatch.setattr(model, "_minibatch_loss", lambda *args: sizes.append(len(args[3])) or minibatch_loss(*args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.learn(64)
+    assert sizes == expected * SMALL["n_epochs"]
+
+
+def test_one_step_rollouts_train_without_advantage_normalization() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PPOKL("MlpPolicy", "CartPole-v1", n_steps=1, batch_size=1, normalize_advantage=False).learn(2)
+
+
+def test_logged_statistics_average_what_ppo_averages(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SB3's PPO averages its losses over every minibatch of the update, and approx_kl over the last epoch's
+    model = PPOKL("MlpPolicy", "CartPole-v1", **{**SMALL, "n_epochs": 3})
+    terms_of_each_minibatch: list[dict[str, float]] = []
+    minibatch_loss = model._minibatch_loss
+
+    def recording_loss(*args: Any) -> Any:
+        loss, terms = minibatch_loss(*args)
+        terms_of_each_minibatch.append(terms)
+        return loss, terms
+
+    monkeypatch.setattr(model, "_minibatch_loss", recording_loss)
+    model.learn(64)
+    logged = model.logger.name_to_value
+    approx_kl = [terms["approx_kl"] for terms in terms_of_each_minibatch]
+    assert len(approx_kl) == 6 and approx_kl[-2] != approx_kl[0]
+    assert logged["train/approx_kl"] == pytest.approx(np.mean(approx_kl[-2:]))
+    assert logged["train/value_loss"] == pytest.approx(np.mean([terms["value"] for terms in terms_of_each_minibatch]))

@@ -53,8 +53,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
         1.0 (default) gives the n-step returns of A2C and the paper
     :param ent_coef: Entropy coefficient for the loss calculation
     :param vf_coef: Value function coefficient for the loss calculation (stable-baselines 2's 0.25; baselines: 0.5)
-    :param vf_fisher_coef: Weight of the value head's term in the Fisher loss
     :param max_grad_norm: The maximum value for the gradient clipping (applied by K-FAC before preconditioning)
+    :param vf_fisher_coef: Weight of the value head's term in the Fisher loss
     :param normalize_advantage: Whether to normalize or not the advantage (off by default, as A2C)
     :param kfac_kl_clip: Trust region radius: bound on the quadratic KL ½·lr²·ν²·ΔᵀF̂Δ of each step (ν ≤ 1: the
         trust-region scale)
@@ -102,8 +102,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
         gae_lambda: float = 1.0,
         ent_coef: float = 0.01,
         vf_coef: float = 0.25,
-        vf_fisher_coef: float = 1.0,
         max_grad_norm: float = 0.5,
+        vf_fisher_coef: float = 1.0,
         normalize_advantage: bool = False,
         kfac_kl_clip: float = 0.001,
         kfac_damping: float = 0.01,
@@ -205,6 +205,15 @@ class ACKTR(TrustOnPolicyAlgorithm):
         """
         Train the model; the arguments are SB3's ``learn()``'s, with A2C's ``log_interval`` of 100: an update is
         one short rollout, as in A2C, so logging every one would flood the output.
+
+        :param total_timesteps: number of environment steps to train for (a lower bound: the last rollout is
+            completed)
+        :param callback: callback(s) called at every step, as in SB3
+        :param log_interval: number of updates (rollouts) between two dumps of the logger
+        :param tb_log_name: the run's name in TensorBoard
+        :param reset_num_timesteps: whether to count steps from 0 again (False continues an earlier ``learn()``)
+        :param progress_bar: show a progress bar (tqdm and rich)
+        :return: the trained model
         """
         return super().learn(
             total_timesteps=total_timesteps,

@@ -169,10 +169,16 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     def _check_rollout_size(self) -> None:
         """
-        :raises ValueError: when ``batch_size`` does not divide the rollout, or ``sub_sampling_factor`` exceeds it
-            (the Fisher sub-sample would have less than one state)
+        :raises ValueError: when ``batch_size`` does not divide the rollout, ``sub_sampling_factor`` exceeds it
+            (the Fisher sub-sample would have less than one state), or the advantages of a one-step rollout are to be
+            normalized (as sb3-contrib's TRPO refuses)
         """
         self._check_batch_size()
+        if self.env is not None and self.normalize_advantage and self.env.num_envs * self.n_steps == 1:
+            raise ValueError(
+                "A rollout of n_steps * n_envs = 1 step has no advantages to normalize: collect more steps, or pass "
+                "normalize_advantage=False"
+            )
         if self.env is not None and self.sub_sampling_factor > self.env.num_envs * self.n_steps:
             raise ValueError(
                 f"`sub_sampling_factor` ({self.sub_sampling_factor}) exceeds the rollout size n_steps * n_envs "

@@ -92,6 +92,15 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     ) -> SelfTrustOnPolicyAlgorithm:
         """
         Train the model; the arguments are SB3's ``learn()``'s, and ``tb_log_name`` defaults to the class name.
+
+        :param total_timesteps: number of environment steps to train for (a lower bound: the last rollout is
+            completed)
+        :param callback: callback(s) called at every step, as in SB3
+        :param log_interval: number of updates (rollouts) between two dumps of the logger
+        :param tb_log_name: the run's name in TensorBoard (default: the class name)
+        :param reset_num_timesteps: whether to count steps from 0 again (False continues an earlier ``learn()``)
+        :param progress_bar: show a progress bar (tqdm and rich)
+        :return: the trained model
         """
         # Checked here too, not only at construction: load() may have been given an env with another n_envs
         self._check_rollout_size()

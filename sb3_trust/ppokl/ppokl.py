@@ -184,7 +184,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
         self.kl_coef_max = kl_coef_max
         self._check_hyperparameters()
         self.kl_coef = float(kl_coef)
-        self._check_rollout_size()
+        self._warn_of_a_short_minibatch()
         if _init_setup_model:
             self._setup_model()
 
@@ -193,11 +193,14 @@ class PPOKL(TrustOnPolicyAlgorithm):
         if self.target_kl is None:
             raise ValueError(
                 "`target_kl` is the mean KL per update that PPOKL adapts its penalty towards; it cannot be None (in "
-                "SB3's PPO, None turns off early stopping, which PPOKL does not do)"
+                "SB3's PPO, None turns off early stopping, which PPOKL does not do; to load a PPO save, pass one: "
+                "PPOKL.load(path, target_kl=0.01))"
             )
         check_positive(target_kl=self.target_kl, kl_coef=self.kl_coef)
         check_positive_or_infinite(max_grad_norm=self.max_grad_norm)
         check_integer(1, batch_size=self.batch_size, n_epochs=self.n_epochs)
+        if self.normalize_advantage and self.batch_size == 1:
+            raise ValueError("`batch_size` must be greater than 1 to normalize the advantages per minibatch (as in SB3's PPO)")
         for name, factor in (("kl_tolerance", self.kl_tolerance), ("kl_coef_factor", self.kl_coef_factor)):
             check_positive(**{name: factor})
             if not factor > 1:
@@ -214,11 +217,27 @@ class PPOKL(TrustOnPolicyAlgorithm):
             if isinstance(value, (float, int)):
                 check_positive(**{name: value})
 
-    def _check_rollout_size(self) -> None:
+    def _warn_of_a_short_minibatch(self) -> None:
         """
-        :raises ValueError: when ``batch_size`` does not divide the rollout
+        Warn, as SB3's PPO does at construction, when ``batch_size`` does not divide the rollout: each epoch then ends
+        with a shorter minibatch, or is one minibatch of the whole rollout when ``batch_size`` is larger.
         """
-        self._check_batch_size()
+        if self.env is None:
+            return
+        rollout_size = self.env.num_envs * self.n_steps
+        if rollout_size % self.batch_size != 0:
+            consequence = (
+                f"each epoch's last minibatch has {rollout_size % self.batch_size} transitions"
+                if self.batch_size < rollout_size
+                else "each epoch is one minibatch of the whole rollout"
+            )
+            warnings.warn(
+                f"`batch_size` ({self.batch_size}) does not divide the rollout size n_steps * n_envs = {self.n_steps} * "
+                f"{self.env.num_envs} = {rollout_size}: {consequence}. We recommend a `batch_size` that is a factor of "
+                "`n_steps * n_envs`.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _setup_model(self) -> None:
         super()._setup_model()
@@ -246,6 +265,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
         loss = th.zeros(())
         n_skipped = n_applied = 0
         for _ in range(self.n_epochs):
+            stats["approx_kl"] = []  # logged over the last epoch, as SB3's PPO does
             permutation = th.randperm(n_samples, device=self.device)
             for start in range(0, n_samples, self.batch_size):
                 indices = permutation[start : start + self.batch_size]
