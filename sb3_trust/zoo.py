@@ -6,6 +6,7 @@ table before its script starts; this wrapper does that and then hands over to rl
 
     python -m sb3_trust.zoo train --algo trpo --env HalfCheetah-v5
     python -m sb3_trust.zoo enjoy --algo trpo --env HalfCheetah-v5 -f logs/
+    python -m sb3_trust.zoo record_video --algo trpo --env HalfCheetah-v5 -f logs/ -n 1000
 
 ``--algo acktr``, ``npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
 Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``
@@ -14,6 +15,7 @@ Hyperparameter search (``train ... -optimize``) samples from the spaces below (`
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """
 
+import runpy
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,7 +24,9 @@ from typing import Any
 
 from sb3_trust.train import ALGORITHMS, ATARI_ENTRY, CONFIG_DIR, is_atari_game, register_atari_games, repeated_frame_skip
 
-COMMANDS = ("train", "enjoy")
+# rl-zoo3's scripts that the wrapper runs; record_training runs rl_zoo3.record_video in a new process, which does
+# not know these algorithms, and the hub scripts' --algo names models on the Hugging Face Hub
+COMMANDS = ("train", "enjoy", "record_video")
 
 
 def convert_sampled_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +43,20 @@ def convert_sampled_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
     hyperparameters = convert_onpolicy_params(sampled_params)
     if "batch_size" in hyperparameters:
         hyperparameters["batch_size"] = min(hyperparameters["batch_size"], hyperparameters["n_steps"])
+    return hyperparameters
+
+
+def _trial_arguments(trial: Any) -> dict[str, Any]:
+    """
+    :param trial: an optuna trial whose parameters are all sampled
+    :return: its keyword arguments (``convert_sampled_params``), after recording the discount, rollout length and
+        minibatch size they hold as the trial's user attributes, as rl-zoo3's samplers do: the search's reports show
+        them, and the ``batch_size`` shown is the one trained with, after the cap
+    """
+    hyperparameters = convert_sampled_params(trial.params)
+    for key in ("gamma", "n_steps", "batch_size"):
+        if key in hyperparameters:
+            trial.set_user_attr(key, hyperparameters[key])
     return hyperparameters
 
 
@@ -74,7 +92,7 @@ def sample_natural_gradient_params(trial: Any, n_actions: int, n_envs: int, addi
     trial.suggest_float("target_kl", 0.001 * dimensions, 0.1 * dimensions, log=True)
     trial.suggest_float("cg_damping", 0.01 * dimensions, 1.0 * dimensions, log=True)
     _suggest_onpolicy_basics(trial)
-    return convert_sampled_params(trial.params)
+    return _trial_arguments(trial)
 
 
 def sample_ppokl_params(trial: Any, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
@@ -96,7 +114,7 @@ def sample_ppokl_params(trial: Any, n_actions: int, n_envs: int, additional_args
     trial.suggest_float("max_grad_norm", 0.3, 2.0)
     trial.suggest_float("target_kl", 0.003, 0.03, log=True)
     _suggest_onpolicy_basics(trial, ("tiny", "small", "medium"))
-    return convert_sampled_params(trial.params)
+    return _trial_arguments(trial)
 
 
 def sample_acktr_params(trial: Any, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
@@ -117,7 +135,7 @@ def sample_acktr_params(trial: Any, n_actions: int, n_envs: int, additional_args
     trial.suggest_float("vf_coef", 0.1, 1.0)
     trial.suggest_float("max_grad_norm", 0.3, 2.0)
     _suggest_onpolicy_basics(trial)
-    return convert_sampled_params(trial.params)
+    return _trial_arguments(trial)
 
 
 SAMPLERS: dict[str, Callable[[Any, int, int, dict], dict[str, Any]]] = {
@@ -242,7 +260,7 @@ def check_atari_entry(config: Path, env_id: str, env_kwargs: dict[str, Any] | No
 
 def main(argv: list[str] | None = None) -> None:
     """
-    :param argv: ``[command, *rl-zoo3 arguments]`` with command ``train`` or ``enjoy`` (default: ``sys.argv[1:]``)
+    :param argv: ``[command, *rl-zoo3 arguments]`` with command one of ``COMMANDS`` (default: ``sys.argv[1:]``)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -263,10 +281,13 @@ def main(argv: list[str] | None = None) -> None:
         from rl_zoo3.train import train
 
         train()
-    else:
+    elif command == "enjoy":
         from rl_zoo3.enjoy import enjoy
 
         enjoy()
+    else:
+        # A script without a function to call: run as `python -m rl_zoo3.record_video` runs it
+        runpy.run_module(f"rl_zoo3.{command}", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

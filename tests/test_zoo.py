@@ -42,12 +42,16 @@ def test_train_and_enjoy_through_rl_zoo(algo: str, tmp_path: Path) -> None:
     assert saved.exists()
     assert ALGORITHMS[algo].load(saved).n_envs == load_hyperparameters(algo, "CartPole-v1")["n_envs"]
     main(["enjoy", "--algo", algo, "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "20", "--no-render"])
+    main(["record_video", "--algo", algo, "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "20"])
+    assert len(list((tmp_path / algo / "CartPole-v1_1" / "videos").glob("*.mp4"))) == 1
 
 
 def test_unlisted_env_trains_with_the_default_entry(tmp_path: Path) -> None:
     # Acrobot-v1 has no entry in zoo_configs/trpo.yml: rl-zoo3 takes the file's `default` one, or gives up
-    main(["train", "--algo", "trpo", "--env", "Acrobot-v1", "-n", "1024", "-f", str(tmp_path)])
+    main(["train", "--algo", "trpo", "--env", "Acrobot-v1", "-n", "1024", "-f", str(tmp_path), "-tb", str(tmp_path / "tb")])
     assert (tmp_path / "trpo" / "Acrobot-v1_1" / "Acrobot-v1.zip").exists()
+    # rl-zoo3's -tb (the zoo extra brings tensorboard): one run named after the class
+    assert len(list((tmp_path / "tb" / "Acrobot-v1").glob("TRPO_1/events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.parametrize("algo", ["acktr", "npg", "ppokl", "trpo"])
@@ -127,6 +131,9 @@ def test_search_spaces_give_valid_models(algo: str) -> None:
             hyperparameters = SAMPLERS[algo](trial, n_actions, n_envs, {})
             # What rl-zoo3 rebuilds from a stored trial is what the trial ran with
             assert convert_sampled_params(trial.params) == hyperparameters
+            # The reports show, as rl-zoo3's samplers record them, the values trained with (batch_size after its cap)
+            used = {key: hyperparameters[key] for key in ("gamma", "n_steps", "batch_size") if key in hyperparameters}
+            assert trial.user_attrs == used and "gamma" in used and ("batch_size" in used) == (algo != "acktr")
             ALGORITHMS[algo]("MlpPolicy", env, _init_setup_model=False, **hyperparameters)._setup_model()
             study.tell(trial, 0.0)
 
@@ -176,6 +183,9 @@ class RecordingTrial:
     def suggest_categorical(self, name: str, choices: list) -> Any:
         self.params[name] = choices[0]
         return choices[0]
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        pass
 
 
 @pytest.mark.parametrize("n_actions, dimensions", [(6, 6), (0, 1)])
