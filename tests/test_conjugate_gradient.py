@@ -48,10 +48,12 @@ def test_zero_right_hand_side_returns_zero() -> None:
     assert result.iterations == 0 and not result.solution.any()
 
 
-def test_non_positive_curvature_stops_without_non_finite_values() -> None:
-    result = conjugate_gradient(lambda v: -v, th.ones(3), max_iterations=10)
+@pytest.mark.parametrize("scale", [-1.0, 0.0, float("nan")])
+def test_non_positive_curvature_stops_without_non_finite_values(scale: float) -> None:
+    # Negative, zero (a singular Fisher matrix with cg_damping=0) or non-finite curvature along the first direction
+    result = conjugate_gradient(lambda v: scale * v, th.ones(3), max_iterations=10)
     assert result.iterations == 0
-    assert th.isfinite(result.solution).all()
+    assert th.isfinite(result.solution).all() and result.residual_norm == pytest.approx(3**0.5)
 
 
 def test_rejects_non_positive_iterations() -> None:

@@ -1,7 +1,8 @@
 """
 The update rules themselves: the backtracking line search, TRPO's undo of a failed search, the Fisher sub-sample,
-the critic's undo of a non-finite update, the rollout's Gaussian draw and time-limit bootstrap, NPG's step, a
-trial step to a policy that torch refuses, and the direction of the KL that the trust region bounds.
+the critic's undo of a non-finite update and its minibatches, the rollout's Gaussian draw and time-limit bootstrap,
+NPG's step (with the conjugate gradient converged and capped), the surrogate away from θ_old, a trial step to a
+policy that torch refuses, and the direction of the KL that the trust region bounds.
 
 Each test pins down a behaviour that a plausible one-line slip in the source would change.
 """
@@ -57,10 +58,17 @@ def test_line_search_shrinks_past_a_kl_violation_then_accepts() -> None:
     assert (result.objective, result.kl) == (1.5, 0.008)
 
 
+def test_line_search_accepts_a_kl_of_exactly_delta_and_nothing_above() -> None:
+    max_kl = 0.01
+    evaluate = ScriptedEvaluations([(2.0, max_kl * (1 + 1e-3)), (1.5, max_kl)])
+    result = backtracking_line_search(evaluate, 0.37, 1.0, max_kl, 0.6, 10)
+    assert result.accepted and result.n_evaluations == 2 and result.kl == max_kl
+
+
 def test_line_search_fails_when_the_objective_never_improves() -> None:
     max_step_size, rho, objective_before = 0.37, 0.6, 1.0
     # KL always within δ: only the improvement check can reject these (equal is not an improvement, NaN neither)
-    table = [(objective_before, 0.001), (float("nan"), 0.001), (0.5, 0.0), (objective_before, 0.0), (-3.0, 0.002)]
+    table = [(objective_before, 0.001), (float("nan"), 0.001), (0.5, 0.0), (objective_before, 0.0), (float("inf"), 0.0)]
     evaluate = ScriptedEvaluations(table)
     result = backtracking_line_search(evaluate, max_step_size, objective_before, 0.01, rho, len(table))
     assert result.accepted is False
@@ -106,6 +114,9 @@ def test_fisher_products_use_the_sub_sample(monkeypatch: pytest.MonkeyPatch) -> 
     n_actor = sum(param.numel() for param in model.actor_parameters)
     assert model.cg_max_steps >= n_actor
     collect(model)
+    # The whole rollout's policy gradient, computed apart from train() (the mean does not depend on the row order)
+    whole = ImportanceSampledSurrogate(model.policy, next(model.rollout_buffer.get(batch_size=None)), True)
+    whole_gradient = flat_gradient(whole.evaluate().objective, model.actor_parameters).detach()
 
     batch_sizes: list[int] = []
     indices: list[th.Tensor] = []
@@ -144,6 +155,7 @@ def test_fisher_products_use_the_sub_sample(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(indices) == 1 and len(th.unique(indices[0])) == n_steps // factor
     gradient, hessian, direction = solves[0]
     # The gradient is the whole rollout's; only F comes from the sub-sample
+    assert th.allclose(gradient, whole_gradient, rtol=1e-5, atol=1e-6 * whole_gradient.abs().max().item())
     damped = hessian.double() + model.cg_damping * th.eye(n_actor, dtype=th.float64)
     expected = th.linalg.solve(damped, gradient.double())
     assert th.allclose(direction.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -269,6 +281,69 @@ def test_npg_step_and_logged_gain_match_a_dense_solve() -> None:
     assert logged["train/policy_objective"] == pytest.approx(gain, rel=1e-4)
 
 
+def test_npg_with_a_capped_conjugate_gradient_takes_and_logs_its_iterate() -> None:
+    cg_max_steps = 3
+    model = NPG(
+        "MlpPolicy",
+        make_vec_env("Pendulum-v1", n_envs=1, seed=0),
+        n_steps=64,
+        batch_size=64,
+        cg_max_steps=cg_max_steps,
+        cg_tolerance=0.0,
+        **TINY,
+    )
+    actor = model.actor_parameters
+    collect(model)
+    samples = next(model.rollout_buffer.get(batch_size=None))
+    gradient = flat_gradient(ImportanceSampledSurrogate(model.policy, samples, True).evaluate().objective, actor).double()
+    hessian = dense_kl_hessian(model.policy, samples.observations, actor).detach().double()
+    damped = hessian + model.cg_damping * th.eye(len(gradient), dtype=th.float64)
+    theta_old = flat_parameters(actor)
+
+    model.train()
+
+    # Textbook conjugate gradient from x = 0, stopped after cg_max_steps products
+    x, residual = th.zeros_like(gradient), gradient.clone()
+    direction = residual.clone()
+    for _ in range(cg_max_steps):
+        alpha = th.dot(residual, residual) / th.dot(direction, damped @ direction)
+        x, new_residual = x + alpha * direction, residual - alpha * (damped @ direction)
+        direction = new_residual + th.dot(new_residual, new_residual) / th.dot(residual, residual) * direction
+        residual = new_residual
+    expected = np.sqrt(2.0 * model.target_kl / th.dot(x, damped @ x).item()) * x
+    delta = (flat_parameters(actor) - theta_old).double()
+    assert th.allclose(delta, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    logged = model.logger.name_to_value
+    assert logged["train/cg_iterations"] == cg_max_steps
+    assert logged["train/cg_residual"] == pytest.approx(th.linalg.norm(gradient - damped @ x).item(), rel=1e-3)
+
+
+def test_surrogate_away_from_theta_old_is_the_importance_weighted_mean_advantage() -> None:
+    # At θ_old the ratio is 1 and only its gradient matters to a step; away from it, the value decides the line
+    # search: mean(π_θ(a|s) / π_old(a|s) · Â), with Â standardised by the (unbiased) standard deviation
+    model = NPG("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, seed=0), n_steps=64, batch_size=64, **TINY)
+    collect(model)
+    samples = next(model.rollout_buffer.get(batch_size=None))
+    surrogate = ImportanceSampledSurrogate(model.policy, samples, normalize_advantage=True)
+    with th.no_grad():
+        old_mean, old_std = model.policy.get_distribution(samples.observations).distribution.mean, model.policy.log_std.exp()
+        for param in model.actor_parameters:
+            param.add_(0.3 * th.randn_like(param))
+        new_mean, new_std = model.policy.get_distribution(samples.observations).distribution.mean, model.policy.log_std.exp()
+        objective = surrogate.evaluate().objective.item()
+
+    def log_density(mean: th.Tensor, std: th.Tensor) -> th.Tensor:
+        actions = samples.actions.double()
+        terms = -0.5 * ((actions - mean.double()) / std.double()) ** 2 - th.log(std.double()) - 0.5 * np.log(2 * np.pi)
+        return terms.sum(dim=1)
+
+    advantages = samples.advantages.double()
+    advantages = (advantages - advantages.mean()) / advantages.std(correction=1)
+    ratio = th.exp(log_density(new_mean, new_std) - log_density(old_mean, old_std))
+    assert abs(ratio.log()).max() > 0.1  # far enough from θ_old for a linearised ratio to differ
+    assert objective == pytest.approx((ratio * advantages).mean().item(), rel=1e-4)
+
+
 def test_trpo_logs_the_surrogate_gain_of_its_accepted_step() -> None:
     # As NPG's: L(θ_new) − L(θ_old), which differs from L(θ_new) without advantage normalisation
     env = make_vec_env("Pendulum-v1", n_envs=1, seed=0)
@@ -290,6 +365,7 @@ def test_logged_value_loss_is_the_last_critic_epoch_s_mean(monkeypatch: pytest.M
     model = TRPO("MlpPolicy", env, n_steps=64, batch_size=16, n_critic_updates=3, learning_rate=0.1, **TINY)
     collect(model)
     losses: list[float] = []
+    minibatch_targets: list[th.Tensor] = []
     regression_step = model._critic_regression_step
 
     def recording_step() -> Any:
@@ -298,6 +374,7 @@ def test_logged_value_loss_is_the_last_critic_epoch_s_mean(monkeypatch: pytest.M
         def recorded(inputs: Any, targets: th.Tensor) -> th.Tensor:
             loss = step(inputs, targets)
             losses.append(loss.item())
+            minibatch_targets.append(targets.detach().clone())
             return loss
 
         return recorded
@@ -305,6 +382,11 @@ def test_logged_value_loss_is_the_last_critic_epoch_s_mean(monkeypatch: pytest.M
     monkeypatch.setattr(model, "_critic_regression_step", recording_step)
     model.train()
     assert len(losses) == 3 * 4  # epochs × minibatches
+    # Each epoch's minibatches partition the rollout: batch_size rows each, every return once
+    returns = th.sort(th.as_tensor(model.rollout_buffer.returns).flatten()).values
+    assert all(len(targets) == 16 for targets in minibatch_targets)
+    for epoch in range(3):
+        assert th.equal(th.sort(th.cat(minibatch_targets[4 * epoch : 4 * epoch + 4]).flatten()).values, returns)
     logged = model.logger.name_to_value["train/value_loss"]
     assert logged == pytest.approx(np.mean(losses[-4:]), rel=1e-5)
     assert logged != pytest.approx(np.mean(losses), rel=1e-2)
