@@ -164,3 +164,16 @@ def test_lean_step_leaves_mixed_dtypes_to_torch(monkeypatch: pytest.MonkeyPatch)
             lean.lean_step() if optimizer is lean else optimizer.step()
     assert th.equal(single, reference_single) and th.equal(double, reference_double)
     assert len(torch_steps) == 3 + 3
+
+
+def test_a_parameter_without_gradient_keeps_the_short_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As torch's Adam, a parameter that gets no gradient has no state and does not move; the others still take the
+    # short path (a frozen or unused critic parameter must not send every later step through step())
+    reference_model, lean_model = make_model(), make_model()
+    unused = [nn.Parameter(th.ones(3)) for _ in range(2)]
+    reference = th.optim.Adam([*reference_model.parameters(), unused[0]], fused=True, lr=1e-3)
+    lean = LeanAdam([*lean_model.parameters(), unused[1]], lr=1e-3)
+    torch_steps = count_torch_steps(monkeypatch)
+    train_side_by_side(lean, lean_model, reference, reference_model)
+    assert len(torch_steps) == 6 + 1
+    assert th.equal(unused[1], th.ones(3)) and unused[1] not in lean.state

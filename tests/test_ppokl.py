@@ -38,6 +38,21 @@ def test_adaptation_rule_matches_the_paper(kl: float, expected: float) -> None:
     assert adapt_kl_coef(1.0, kl, **RULE) == expected
 
 
+@pytest.mark.parametrize(
+    "kl, expected",
+    [
+        (0.031, 5.0),  # above 3·d_targ: β × 5
+        (0.02, 1.0),  # above 1.5·d_targ but inside the wider band: unchanged
+        (0.005, 1.0),  # below d_targ / 1.5 but inside the wider band: unchanged
+        (0.0033, 0.2),  # below d_targ / 3: β / 5
+    ],
+)
+def test_adaptation_rule_uses_the_given_tolerance_and_factor(kl: float, expected: float) -> None:
+    # Not the paper's 1.5 and 2: a rule that hard-codes either gives another β here
+    rule = {**RULE, "tolerance": 3.0, "factor": 5.0}
+    assert adapt_kl_coef(1.0, kl, **rule) == pytest.approx(expected, rel=1e-12)
+
+
 def test_adaptation_rule_is_bounded_and_repeats() -> None:
     kl_coef = 1.0
     for _ in range(20):
@@ -82,6 +97,20 @@ def test_kl_coef_adapts_after_each_update_from_the_rollout_kl(target_kl: float, 
             assert f"train/{key}" in logged
 
 
+@pytest.mark.parametrize("target_kl, direction", [(1e-7, 3.0), (10.0, 1 / 3)])
+def test_kl_coef_adapts_by_the_configured_factor(target_kl: float, direction: float) -> None:
+    # kl_coef_factor and kl_tolerance reach the rule: β moves by 3 per update, not the paper's 2
+    settings = {**SMALL, "target_kl": target_kl, "kl_coef_factor": 3.0, "kl_tolerance": 1.2}
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **settings)
+    recorder = RolloutKLRecorder(model)
+    model.learn(3 * 128)
+    assert len(recorder.records) == 3
+    for kl_coef_before, _, kl_coef_after, logged in recorder.records:
+        assert kl_coef_after == pytest.approx(kl_coef_before * direction)
+        assert logged["train/kl_coef"] == kl_coef_after
+    assert model.kl_coef == pytest.approx(direction**3)
+
+
 def _after_one_update(target_kl: float) -> PPOKL:
     model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), target_kl=target_kl, **SMALL)
     model.learn(128)
@@ -96,6 +125,18 @@ def test_kl_coef_reads_the_rollout_kl_at_the_band_edges() -> None:
     assert _after_one_update(0.99 * kl / 1.5).kl_coef == 2.0
     assert _after_one_update(0.99 * 1.5 * kl).kl_coef == 1.0
     assert _after_one_update(1.01 * 1.5 * kl).kl_coef == 0.5
+
+
+def test_kl_coef_reads_the_configured_tolerance() -> None:
+    # The first update moves the policy by the same d whatever the target and band: d_targ = 2·d lies inside the band
+    # of tolerance 4 (β stays) but below d_targ / 1.5 (β halves), so the rule must be given kl_tolerance
+    kl = _after_one_update(1.0).logger.name_to_value["train/kl_divergence"]
+    for kl_tolerance, kl_coef in ((4.0, 1.0), (1.5, 0.5)):
+        model = PPOKL(
+            "MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), target_kl=2 * kl, kl_tolerance=kl_tolerance, **SMALL
+        )
+        model.learn(128)
+        assert model.kl_coef == kl_coef
 
 
 def test_kl_coef_stays_when_no_minibatch_moved_the_policy() -> None:
@@ -437,14 +478,32 @@ def test_a_batch_size_that_does_not_divide_the_rollout_is_trained_as_ppo_trains_
     assert sizes == expected * SMALL["n_epochs"]
 
 
+def test_each_epoch_partitions_the_rollout_into_minibatches_of_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every epoch visits each of the rollout's rows exactly once, in minibatches of exactly batch_size rows, shuffled
+    model = PPOKL("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), **{**SMALL, "n_epochs": 3})
+    received: list[th.Tensor] = []
+    minibatch_loss = model._minibatch_loss
+    monkeypatch.setattr(model, "_minibatch_loss", lambda *args: received.append(args[3].clone()) or minibatch_loss(*args))
+    model.learn(128)
+    n_samples, batch_size = 128, SMALL["batch_size"]
+    per_epoch = n_samples // batch_size
+    assert len(received) == per_epoch * 3
+    epochs = [received[i : i + per_epoch] for i in range(0, len(received), per_epoch)]
+    for epoch in epochs:
+        assert [len(indices) for indices in epoch] == [batch_size] * per_epoch
+        assert th.equal(th.sort(th.cat(epoch)).values.cpu(), th.arange(n_samples))
+    orders = [th.cat(epoch).cpu() for epoch in epochs]
+    assert not th.equal(orders[0], th.arange(n_samples)) and not th.equal(orders[0], orders[1])  # shuffled per epoch
+
+
 def test_one_step_rollouts_train_without_advantage_normalization() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PPOKL("MlpPolicy", "CartPole-v1", n_steps=1, batch_size=1, normalize_advantage=False).learn(2)
 
 
-def test_logged_statistics_average_what_ppo_averages(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SB3's PPO averages its losses over every minibatch of the update, and approx_kl over the last epoch's
+def test_logged_losses_average_every_minibatch_of_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As SB3's PPO: the losses over every minibatch of every epoch (approx_kl over the last epoch only: below)
     model = PPOKL("MlpPolicy", "CartPole-v1", **{**SMALL, "n_epochs": 3})
     terms_of_each_minibatch: list[dict[str, float]] = []
     minibatch_loss = model._minibatch_loss
@@ -456,8 +515,31 @@ def test_logged_statistics_average_what_ppo_averages(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(model, "_minibatch_loss", recording_loss)
     model.learn(64)
-    logged = model.logger.name_to_value
-    approx_kl = [terms["approx_kl"] for terms in terms_of_each_minibatch]
-    assert len(approx_kl) == 6 and approx_kl[-2] != approx_kl[0]
-    assert logged["train/approx_kl"] == pytest.approx(np.mean(approx_kl[-2:]))
-    assert logged["train/value_loss"] == pytest.approx(np.mean([terms["value"] for terms in terms_of_each_minibatch]))
+    assert len(terms_of_each_minibatch) == 6
+    for key, logged_key in (("value", "value_loss"), ("pg", "policy_gradient_loss"), ("kl_penalty", "kl_penalty")):
+        expected = np.mean([terms[key] for terms in terms_of_each_minibatch])
+        assert model.logger.name_to_value[f"train/{logged_key}"] == pytest.approx(expected)
+
+
+def test_logged_approx_kl_is_the_sample_estimate_of_the_last_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # train/approx_kl is SB3's mean((r - 1) - log r), r = π_θ(a|s) / π_old(a|s) against the rollout's log-probabilities,
+    # averaged over the last epoch's minibatches; recomputed here from the policy each minibatch starts from
+    model = PPOKL("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), **{**SMALL, "n_epochs": 3})
+    by_hand: list[tuple[float, float]] = []
+    minibatch_loss = model._minibatch_loss
+
+    def recording_loss(*args: Any) -> Any:
+        samples, indices = args[0], args[3]
+        with th.no_grad():  # before this minibatch's optimizer step (the default MlpPolicy has no dropout)
+            log_prob = model.policy.get_distribution(samples.observations[indices]).log_prob(samples.actions[indices])
+            log_ratio = log_prob - samples.old_log_prob[indices]
+            by_hand.append((th.mean(th.exp(log_ratio) - 1 - log_ratio).item(), th.mean(-log_ratio).item()))
+        return minibatch_loss(*args)
+
+    monkeypatch.setattr(model, "_minibatch_loss", recording_loss)
+    model.learn(128)
+    assert len(by_hand) == 12
+    last_epoch = np.array(by_hand[-4:])
+    expected, minus_log_ratio = last_epoch.mean(axis=0)
+    assert expected > 0 and abs(minus_log_ratio - expected) > 0.05 * expected  # mean(-log r) is another number
+    assert model.logger.name_to_value["train/approx_kl"] == pytest.approx(expected, rel=1e-6)
