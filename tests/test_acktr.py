@@ -240,13 +240,16 @@ def test_fisher_targets_are_the_sampled_actions(monkeypatch: pytest.MonkeyPatch)
     assert factor_g.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_value_head_fisher_factor_comes_from_the_noisy_value_targets() -> None:
+@pytest.mark.parametrize("vf_fisher_coef", [1.0, 0.5])
+def test_value_head_fisher_factor_comes_from_the_noisy_value_targets(vf_fisher_coef: float) -> None:
     # Fisher loss of the critic: vf_fisher_coef · mean((v − stopgrad(v + N(0, 1)))²), whose output gradient per sample
-    # is 2c·ε: G of the value head estimates E[(2cε)²] = 4c² (zero without the noise)
-    model = ACKTR("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=4, seed=0), **{**SMALL, "n_steps": 64})
+    # is 2c·ε: G of the value head estimates E[(2cε)²] = 4c² (zero without the noise). c = 0.5 (G ≈ 1, not 4) tells a
+    # coefficient that is ignored from the default one
+    env = make_vec_env("Pendulum-v1", n_envs=4, seed=0)
+    model = ACKTR("MlpPolicy", env, vf_fisher_coef=vf_fisher_coef, **{**SMALL, "n_steps": 64})
     model.learn(256)
     _, factor_g = model.policy.optimizer.kronecker_factors(model.policy.value_net)
-    expected = 4 * model.vf_fisher_coef**2
+    expected = 4 * vf_fisher_coef**2
     assert 0.6 * expected < factor_g.item() < 1.4 * expected
 
 

@@ -331,6 +331,36 @@ def test_free_parameter_step_is_the_gradient_over_its_damped_fisher_diagonal() -
     assert (before - model.log_std).item() == pytest.approx(0.1 / (diagonal + 0.01), rel=1e-5)
 
 
+def test_trust_region_counts_the_free_parameters_in_the_quadratic_kl() -> None:
+    # The quadratic KL of the applied step adds the free parameter's diagonal block (diag F + λ)·s² to the layer's
+    # damped Kronecker block: with a binding trust region it equals kl_clip only if the free term of ΔᵀF̂Δ is Δᵀ∇
+    damping, lr, kl_clip = 0.1, 0.5, 1e-4
+    th.manual_seed(0)
+    model = WithLogStd().double()
+    optimizer = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=kl_clip, eigenvalue_min=1e-15)
+    generator = th.Generator().manual_seed(5)
+    inputs = th.randn(256, 2, dtype=th.float64, generator=generator)
+    targets = inputs[:, :1] + 0.8 * th.randn(256, 1, dtype=th.float64, generator=generator)
+    with optimizer.capture():
+        distribution = th.distributions.Normal(model.mean(inputs), model.log_std.exp())
+    fisher_loss = -distribution.log_prob(distribution.sample()).mean()
+    # A likelihood loss: both the layer and log σ have a gradient
+    optimizer.backward(-distribution.log_prob(targets).mean(), fisher_loss, batch_size=len(inputs))
+    diagonal = optimizer.state[model.log_std]["diag"]
+    assert abs(diagonal.item() + damping - 1.0) > 0.2  # the free block's curvature is not the identity's
+    before = [param.detach().clone() for param in (model.mean.weight, model.mean.bias, model.log_std)]
+    optimizer.step()
+    assert 0 < optimizer.step_scale < 1.0
+    inverse_a, inverse_g = _dense_damped_inverse(optimizer, model.mean, damping)
+    layer_step = _block_matrix(before[0] - model.mean.weight, before[1] - model.mean.bias)
+    free_step = before[2] - model.log_std
+    free_quadratic = 0.5 * ((diagonal + damping) * free_step**2).sum().item()
+    quadratic = _dense_quadratic(inverse_a, inverse_g, layer_step) + free_quadratic
+    assert 0.1 * quadratic < free_quadratic < 0.9 * quadratic  # both blocks weigh in the sum
+    assert quadratic == pytest.approx(kl_clip, rel=1e-6)
+    assert optimizer.kl_estimate == pytest.approx(quadratic, rel=1e-6)
+
+
 def test_only_free_parameters_trainable() -> None:
     # Fine-tuning the exploration noise alone: no layer is captured, the diagonal preconditioner does everything
     th.manual_seed(0)
