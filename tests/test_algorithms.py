@@ -196,7 +196,7 @@ def test_trpo_logs_expected_keys() -> None:
         (dict(target_kl=0.0), "target_kl"),
         (dict(target_kl=-1.0), "target_kl"),
         (dict(cg_max_steps=0), "cg_max_steps"),
-        (dict(n_steps=0), "n_steps"),
+        (dict(n_steps=0), "`n_steps` must be an integer >= 1"),
         (dict(n_steps=64, batch_size=48), "batch_size"),
         (dict(cg_damping=-0.1), "cg_damping"),
         (dict(n_critic_updates=0), "n_critic_updates"),
@@ -215,6 +215,13 @@ def test_trpo_logs_expected_keys() -> None:
 def test_bad_parameters_fail_at_construction(algo: type[NPG], kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         algo("MlpPolicy", "CartPole-v1", **kwargs)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_the_edges_of_the_allowed_values_are_accepted(algo: type[NPG]) -> None:
+    # numpy integers (from a YAML or a search) count as integers; γ = λ = 0 are legal discounts, as 1 is
+    model = algo("MlpPolicy", "CartPole-v1", n_steps=np.int64(64), batch_size=np.int64(32), gamma=0.0, gae_lambda=0.0)
+    assert (model.n_steps, model.gamma, model.gae_lambda) == (64, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("kwargs", [dict(line_search_shrinking_factor=1.0), dict(line_search_max_iter=0)])
@@ -704,6 +711,15 @@ def test_a_non_finite_observation_stops_the_rollout_before_the_env_gets_a_nan_ac
     with pytest.raises(ValueError, match="non-finite actions"):
         model.learn(64)
     assert len(env.actions) == 10 and all(np.isfinite(action).all() for action in env.actions)
+
+
+def test_one_environment_s_non_finite_observation_stops_the_rollout() -> None:
+    # Only the first of two environments turns NaN: no environment may get a NaN action
+    envs = [NaNObservationAfter(gym.make("Pendulum-v1"), 10), NaNObservationAfter(gym.make("Pendulum-v1"), 10**6)]
+    model = TRPO("MlpPolicy", DummyVecEnv([lambda: envs[0], lambda: envs[1]]), **SMALL)
+    with pytest.raises(ValueError, match="non-finite actions"):
+        model.learn(128)
+    assert all(np.isfinite(action).all() for env in envs for action in env.actions)
 
 
 def test_callbacks_see_no_stale_values_during_a_rollout() -> None:
