@@ -31,6 +31,10 @@ def test_steps_to_threshold_uses_the_moving_average() -> None:
     # One lucky first episode is not a whole window
     assert benchmark.steps_to_threshold([(100, 480.0)] + [(200 + i, 20.0) for i in range(20)], 475.0) is None
 
+    # A grid point at an episode's end includes that episode; before the first one there is no value
+    curve = benchmark._smoothed_curve([(10, 1.0), (20, 3.0)], np.array([5, 10, 15, 20]), 1)
+    assert np.isnan(curve[0]) and list(curve[1:]) == [1.0, 1.0, 3.0]
+
 
 def test_repeated_seeds_are_refused() -> None:
     with pytest.raises(SystemExit):
@@ -238,12 +242,22 @@ def test_threshold_ratio_is_peer_over_ours() -> None:
     assert "**4.000**" in report
 
 
+def test_a_threshold_never_reached_gives_a_lower_bound() -> None:
+    # the peer never reaches 10 in its 1000 steps: it counts as 1000, and the ratio 1000 / 100 is a lower bound
+    results = [_result("ours", 0, 0.0, [(100, 10.0)]), _result("peer", 0, 0.0, [(100, 0.0)], timesteps=1000)]
+    report = benchmark.threshold_report(benchmark.PAIRS["trpo"], _setting(10.0), results, smoothing=1)
+    assert "**≥ 10.000" in report
+
+
 def test_speed_report_ratio_is_ours_over_peer() -> None:
     # ours' train() takes 0.1 s, the peer's 0.4 s: the train-time ratio is 0.250
     samples = [benchmark.SpeedSample("ours", 0, 100, 1.0, [0.1]), benchmark.SpeedSample("peer", 0, 100, 1.0, [0.4])]
     report = benchmark.speed_report(benchmark.PAIRS["trpo"], samples, 1, 1, "now")
     train_row = next(line for line in report.splitlines() if line.startswith("| train() time"))
     assert train_row.rstrip(" |").endswith("0.250")
+    # Over several updates: train() is their mean, the rollout what the rest of the wall time gives per update
+    sample = benchmark.SpeedSample("ours", 0, 100, 1.0, [0.1, 0.3])
+    assert sample.train_ms == pytest.approx(200.0) and sample.rollout_ms == pytest.approx(300.0)
 
 
 def test_a_shorter_saved_run_is_refused(tmp_path: Path) -> None:
@@ -253,7 +267,7 @@ def test_a_shorter_saved_run_is_refused(tmp_path: Path) -> None:
     task = benchmark.RunTask("trpo", "ours", "sb3_trust.TRPO", setting, 0, 2, "cpu", 1, str(tmp_path))
     identity = benchmark._run_identity(task)
     task.result_path.parent.mkdir(parents=True)
-    for timesteps, accepted in ((1000 + 63 * setting.n_envs, True), (1000 - 1, False)):
+    for timesteps, accepted in ((1000 + 63 * setting.n_envs, True), (1000 - 1, False), (1000 + 64 * setting.n_envs, False)):
         task.result_path.write_text(json.dumps({**identity, "timesteps": timesteps, "eval_returns": [0.0, 0.0]}))
         if accepted:
             assert benchmark.load_finished_run(task) is not None
@@ -292,13 +306,19 @@ def test_learning_run_evaluates_deterministically_with_frozen_statistics(
         return [0.0], [1]
 
     monkeypatch.setattr(benchmark, "evaluate_policy", recording_evaluate)
+    seeds: list[int] = []
+    make_env = benchmark.make_env
+    monkeypatch.setattr(
+        benchmark, "make_env", lambda setting, seed, *a, **k: seeds.append(seed) or make_env(setting, seed, *a, **k)
+    )
     overrides = {"n_steps": 32, "batch_size": 32, "n_critic_updates": 1, "normalize": True}
     setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", overrides, {}, 32)
-    task = benchmark.RunTask("trpo", "ours", "sb3_trust.TRPO", setting, 0, 1, "cpu", 1, str(tmp_path))
+    task = benchmark.RunTask("trpo", "ours", "sb3_trust.TRPO", setting, 3, 1, "cpu", 1, str(tmp_path))
     benchmark.learning_run(task)
     ((env, kwargs),) = calls
     assert kwargs["deterministic"] is True
     assert isinstance(env, VecNormalize) and not env.training and not env.norm_reward
+    assert seeds == [3, 3 + benchmark.EVAL_SEED_OFFSET]  # the evaluation episodes are not the training ones
 
 
 def test_a_refusal_on_the_command_line_is_one_line(tmp_path: Path) -> None:
@@ -311,3 +331,17 @@ def test_a_refusal_on_the_command_line_is_one_line(tmp_path: Path) -> None:
         finished.stderr.startswith("benchmark: error: 1 of these runs are already saved")
         and "Traceback" not in finished.stderr
     )
+
+
+def test_every_seed_runs_on_both_sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks: list[benchmark.RunTask] = []
+
+    def run_returns(missing: list[benchmark.RunTask], jobs: int) -> tuple[list, list]:
+        tasks.extend(missing)
+        return [], []
+
+    monkeypatch.setattr(benchmark, "run_returns", run_returns)
+    benchmark.main(
+        ["--algo", "trpo", "--env", "CartPole-v1", "--mode", "returns", "--seeds", "0", "1", "--output", str(tmp_path)]
+    )
+    assert sorted((task.side, task.seed) for task in tasks) == [("ours", 0), ("ours", 1), ("peer", 0), ("peer", 1)]

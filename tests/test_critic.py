@@ -45,6 +45,11 @@ class NoisyLinear(nn.Linear):
         return super().forward(input) + 1.0
 
 
+class DoublingSequential(nn.Sequential):
+    def forward(self, input: th.Tensor) -> th.Tensor:
+        return 2.0 * super().forward(input)
+
+
 def hooked(module: nn.Module) -> nn.Module:
     module.register_forward_hook(lambda _module, _inputs, output: output * 2.0)
     return module
@@ -63,6 +68,9 @@ def hooked(module: nn.Module) -> nn.Module:
         [nn.Sequential(hooked(nn.Linear(5, 8)), nn.Tanh()), nn.Linear(8, 1)],
         [nn.Sequential(nn.Linear(5, 8), hooked(nn.Tanh())), nn.Linear(8, 1)],
         [hooked(nn.Sequential(nn.Linear(5, 8), nn.Tanh())), nn.Linear(8, 1)],
+        [nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.ReLU()), nn.Linear(8, 1)],
+        [nn.Sequential(nn.Linear(5, 8), nn.Tanh(), NoisyLinear(8, 8), nn.Tanh()), nn.Linear(8, 1)],
+        [DoublingSequential(nn.Linear(5, 8), nn.Tanh()), nn.Linear(8, 1)],
     ],
     ids=[
         "sigmoid",
@@ -75,16 +83,28 @@ def hooked(module: nn.Module) -> nn.Module:
         "hook",
         "hook-on-activation",
         "hook-on-container",
+        "two-activations",
+        "subclass-inside",
+        "sequential-subclass",
     ],
 )
 def test_unsupported_heads_fall_back(layers: list[nn.Module]) -> None:
     assert MLPValueRegression.build(layers) is None
 
 
-def test_a_global_module_hook_makes_heads_fall_back() -> None:
+@pytest.mark.parametrize(
+    "register",
+    [
+        "register_module_forward_hook",
+        "register_module_forward_pre_hook",
+        "register_module_full_backward_hook",
+        "register_module_full_backward_pre_hook",
+    ],
+)
+def test_a_global_module_hook_makes_heads_fall_back(register: str) -> None:
     layers = [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Linear(8, 1)]
     assert MLPValueRegression.build(layers) is not None
-    handle = nn.modules.module.register_module_forward_hook(lambda _module, _inputs, output: output)
+    handle = getattr(nn.modules.module, register)(lambda *args: None)
     try:
         assert MLPValueRegression.build(layers) is None
     finally:

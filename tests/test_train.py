@@ -275,6 +275,29 @@ def test_the_algorithm_s_gamma_wins_over_the_normalization_s() -> None:
         env.close()
 
 
+def test_the_saved_statistics_discount_with_the_entry_s_gamma(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same, through the script: the entry's gamma reaches the environment whose statistics are saved
+    entry = "Pendulum-v1: {n_steps: 32, batch_size: 32, n_critic_updates: 1, gamma: 0.9, normalize: true}\n"
+    (tmp_path / "npg.yml").write_text(entry)
+    monkeypatch.setattr(train, "CONFIG_DIR", tmp_path)
+    main(
+        [
+            "--algo",
+            "npg",
+            "--env",
+            "Pendulum-v1",
+            "--timesteps",
+            "32",
+            "--eval-episodes",
+            "1",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    statistics = tmp_path / "out" / "npg_Pendulum-v1_seed0.vecnormalize.pkl"
+    assert VecNormalize.load(str(statistics), make_vec_env("Pendulum-v1")).gamma == 0.9
+
+
 def test_statistics_alone_of_the_unnumbered_run_reserve_its_name(tmp_path: Path) -> None:
     # `<stem>.vecnormalize.pkl` is run 1 even without its `.zip`: the next checkpoint is `_2`, not `<stem>.zip`
     (tmp_path / "x.vecnormalize.pkl").write_bytes(b"stats of run 1")
