@@ -816,3 +816,18 @@ def test_another_optimizers_state_is_not_loaded(algo: type, saved_by: type, tmp_
     with pytest.warns(UserWarning, match="does not fit"):
         model.set_parameters(str(tmp_path / "donor"))
     model.learn(16)
+
+
+def test_a_saved_optimizer_state_with_more_group_settings_loads(tmp_path: Any) -> None:
+    # A group setting the optimizer does not have (initial_lr, which torch's LR schedulers add) does not make a saved
+    # state foreign: it loads, with its moments, and without a warning
+    model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL).learn(64)
+    params = model.get_parameters()
+    params["policy.optimizer"]["param_groups"][0]["initial_lr"] = 1e-3
+    moments = [state["exp_avg"].clone() for state in params["policy.optimizer"]["state"].values()]
+    fresh = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.set_parameters(params)
+    loaded = [state["exp_avg"] for state in fresh.policy.optimizer.state_dict()["state"].values()]
+    assert len(loaded) == len(moments) > 0 and all(th.equal(a, b) for a, b in zip(loaded, moments, strict=True))
