@@ -253,7 +253,10 @@ def check_atari_entry(config: Path, env_id: str, env_kwargs: dict[str, Any] | No
     entry = dict(entries.get(env_id, entries.get(ATARI_ENTRY)) or {})
     if env_kwargs is not None:
         entry["env_kwargs"] = env_kwargs
-    frame_skip_warning = repeated_frame_skip(env_id, entry)
+    try:
+        frame_skip_warning = repeated_frame_skip(env_id, entry)
+    except (ImportError, AttributeError, TypeError, ValueError, SyntaxError, NameError):
+        return  # a wrapper or env_kwargs that cannot be read: rl-zoo3 reports it when it builds the environment
     if frame_skip_warning is not None:
         warnings.warn(frame_skip_warning, UserWarning, stacklevel=2)
 

@@ -98,6 +98,9 @@ def test_both_scripts_warn_of_a_repeated_frame_skip(tmp_path: Path, monkeypatch:
         warnings.simplefilter("error")
         zoo.check_atari_entry(config, "ALE/Pong-v5", {"frameskip": 1})
         zoo.check_atari_entry(config, GAME)
+    # An entry the check cannot read is left to rl-zoo3, which says what is wrong when it builds the environment
+    config.write_text("atari:\n  env_wrapper:\n    - no_such_module.Wrapper\n")
+    zoo.check_atari_entry(config, "ALE/Pong-v5")
     env_kwargs = zoo._env_kwargs(["--env", "x", "--env-kwargs", "frameskip:1", "mode:'a'", "-n", "5"])
     assert env_kwargs == {"frameskip": 1, "mode": "a"}
     assert zoo._env_kwargs(["--env", "x"]) is None
