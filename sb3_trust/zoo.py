@@ -6,7 +6,7 @@ table before its script starts; this wrapper does that and then hands over to rl
 
     python -m sb3_trust.zoo train --algo trpo --env HalfCheetah-v5
     python -m sb3_trust.zoo enjoy --algo trpo --env HalfCheetah-v5 -f logs/
-    python -m sb3_trust.zoo record_video --algo trpo --env HalfCheetah-v5 -f logs/ -n 1000
+    MUJOCO_GL=egl python -m sb3_trust.zoo record_video --algo trpo --env HalfCheetah-v5 -f logs/ -n 1000
 
 ``--algo acktr``, ``npg``, ``ppokl`` and ``trpo`` are sb3_trust's (sb3-contrib's TRPO stays reachable as ``trpo_contrib``).
 Unless ``--conf-file`` is given, ``train`` reads the hyperparameters shipped in ``zoo_configs/<algo>.yml``
@@ -15,6 +15,7 @@ Hyperparameter search (``train ... -optimize``) samples from the spaces below (`
 Needs the ``zoo`` extra (``pip install -e ".[zoo]"``).
 """
 
+import argparse
 import runpy
 import sys
 import warnings
@@ -32,8 +33,8 @@ COMMANDS = ("train", "enjoy", "record_video")
 def convert_sampled_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
     """
     Turn the values an optuna trial sampled into the algorithm's keyword arguments (rl-zoo3's conversion of
-    ``one_minus_gamma``, ``n_steps_pow``, ``net_arch`` names, ...), with the critic's minibatch at most ``n_steps``
-    so that it divides every rollout ``n_steps * n_envs``: our constructors refuse one that does not.
+    ``one_minus_gamma``, ``n_steps_pow``, ``net_arch`` names, ...), with ``batch_size`` at most ``n_steps`` so that it
+    divides every rollout ``n_steps * n_envs``: NPG's and TRPO's constructors refuse one that does not (PPOKL warns).
 
     :param sampled_params: ``trial.params``
     :return: the keyword arguments
@@ -186,25 +187,29 @@ def _option_value(arguments: list[str], *names: str) -> str | None:
     return found
 
 
-def _env_kwargs(arguments: list[str]) -> dict[str, Any] | None:
+def _entry_overrides(arguments: list[str]) -> dict[str, Any]:
     """
-    :param arguments: command-line arguments
-    :return: the last ``--env-kwargs key:value ...`` read as rl-zoo3 reads it (each value a Python expression), or
-        None when absent or not readable (rl-zoo3 then reports it)
+    :param arguments: command-line arguments of rl-zoo3's ``train``
+    :return: what they put over the zoo entry's values, read as rl-zoo3 reads them: ``-params``/``--hyperparams``
+        ``key:value`` pairs, then ``--env-kwargs`` (which replace the ``env_kwargs``); {} when none can be read (rl-zoo3
+        then reports what is wrong)
     """
-    starts = [index for index, argument in enumerate(arguments) if argument == "--env-kwargs"]
-    if not starts:
-        return None
-    env_kwargs = {}
-    for argument in arguments[starts[-1] + 1 :]:
-        if argument.startswith("-"):
-            break
-        key, _, value = argument.partition(":")
-        try:
-            env_kwargs[key] = eval(value)
-        except Exception:
-            return None
-    return env_kwargs
+    from rl_zoo3.utils import StoreDict
+
+    # The options around them too, so that abbreviations resolve as in rl-zoo3's parser (``--env`` is not ``--env-kwargs``)
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--env")
+    parser.add_argument("--env-kwargs", nargs="+", action=StoreDict)
+    parser.add_argument("--eval-env-kwargs", nargs="+", action=StoreDict)
+    parser.add_argument("-params", "--hyperparams", nargs="+", action=StoreDict)
+    try:
+        known, _ = parser.parse_known_args(arguments)
+    except Exception:
+        return {}
+    overrides = dict(known.hyperparams or {})
+    if known.env_kwargs:
+        overrides["env_kwargs"] = known.env_kwargs
+    return overrides
 
 
 def default_config(algo: str) -> Path | None:
@@ -226,7 +231,7 @@ def default_config(algo: str) -> Path | None:
     return config
 
 
-def check_atari_entry(config: Path, env_id: str, env_kwargs: dict[str, Any] | None = None) -> None:
+def check_atari_entry(config: Path, env_id: str, overrides: dict[str, Any] | None = None) -> None:
     """
     rl-zoo3 reads an Atari game without an entry of its own from the file's ``atari`` entry, and fails with a bare
     ``KeyError`` when there is none: say so instead. Warn, too, when the entry's ``AtariWrapper`` repeats the actions
@@ -234,7 +239,7 @@ def check_atari_entry(config: Path, env_id: str, env_kwargs: dict[str, Any] | No
 
     :param config: the YAML file a ``train`` command reads
     :param env_id: its ``--env``
-    :param env_kwargs: its ``--env-kwargs`` (they replace the entry's)
+    :param overrides: what its other arguments put over the entry's values (``_entry_overrides``)
     :raises SystemExit: for an Atari game that the file has neither an entry nor an ``atari`` entry for
     """
     import yaml
@@ -250,9 +255,7 @@ def check_atari_entry(config: Path, env_id: str, env_kwargs: dict[str, Any] | No
             f"{config} has no entry for {env_id} and no {ATARI_ENTRY!r} entry, which rl-zoo3 uses for Atari games: "
             "add one, or pass --conf-file with one (zoo_configs/ ships one for acktr and ppokl)"
         )
-    entry = dict(entries.get(env_id, entries.get(ATARI_ENTRY)) or {})
-    if env_kwargs is not None:
-        entry["env_kwargs"] = env_kwargs
+    entry = {**(entries.get(env_id, entries.get(ATARI_ENTRY)) or {}), **(overrides or {})}
     try:
         frame_skip_warning = repeated_frame_skip(env_id, entry)
     except (ImportError, AttributeError, TypeError, ValueError, SyntaxError, NameError):
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         user_config = _option_value(arguments, "--conf-file", "-conf")
         config = Path(user_config) if user_config is not None else default_config(_option_value(arguments, "--algo") or "ppo")
         if config is not None:
-            check_atari_entry(config, _option_value(arguments, "--env") or "CartPole-v1", _env_kwargs(arguments))
+            check_atari_entry(config, _option_value(arguments, "--env") or "CartPole-v1", _entry_overrides(arguments))
         if user_config is None and config is not None:
             # First, so that a --conf-file the user gave in a spelling not recognised above still wins: argparse keeps
             # the last value of an option

@@ -96,14 +96,29 @@ def test_both_scripts_warn_of_a_repeated_frame_skip(tmp_path: Path, monkeypatch:
         zoo.check_atari_entry(config, "ALE/Pong-v5")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        zoo.check_atari_entry(config, "ALE/Pong-v5", {"frameskip": 1})
+        zoo.check_atari_entry(config, "ALE/Pong-v5", {"env_kwargs": {"frameskip": 1}})
         zoo.check_atari_entry(config, GAME)
     # An entry the check cannot read is left to rl-zoo3, which says what is wrong when it builds the environment
     config.write_text("atari:\n  env_wrapper:\n    - no_such_module.Wrapper\n")
     zoo.check_atari_entry(config, "ALE/Pong-v5")
-    env_kwargs = zoo._env_kwargs(["--env", "x", "--env-kwargs", "frameskip:1", "mode:'a'", "-n", "5"])
-    assert env_kwargs == {"frameskip": 1, "mode": "a"}
-    assert zoo._env_kwargs(["--env", "x"]) is None
+    # What rl-zoo3's command line puts over the entry: -params, then --env-kwargs (in any spelling its parser takes)
+    for arguments in (
+        ["--env", "x", "--env-kwargs", "frameskip:1", "mode:'a'", "-n", "5"],
+        ["--env", "x", "--env-kwargs=frameskip:1", "--env-kw", "frameskip:1", "mode:'a'"],
+        ["--env", "x", "-params", "env_kwargs:dict(frameskip=0)", "--env-kwargs", "frameskip:1", "mode:'a'"],
+    ):
+        assert zoo._entry_overrides(arguments)["env_kwargs"] == {"frameskip": 1, "mode": "a"}
+    assert zoo._entry_overrides(["--env", "x"]) == {}
+    overrides = zoo._entry_overrides(["-params", "env_kwargs:dict(frameskip=1)", "n_envs:2"])
+    assert overrides == {"env_kwargs": {"frameskip": 1}, "n_envs": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config.write_text("atari:\n  env_wrapper:\n    - stable_baselines3.common.atari_wrappers.AtariWrapper\n")
+        zoo.check_atari_entry(config, "ALE/Pong-v5", overrides)
+    wrapper = zoo._entry_overrides(["-params", "env_wrapper:'stable_baselines3.common.atari_wrappers.AtariWrapper'"])
+    config.write_text("atari:\n  policy: CnnPolicy\n")
+    with pytest.warns(UserWarning, match="repeats it 4 times more"):
+        zoo.check_atari_entry(config, "ALE/Pong-v5", wrapper)
 
     # python -m sb3_trust.train warns before it builds anything (the run itself is the first test's)
     monkeypatch.setattr(train, "build_env", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("built")))

@@ -543,3 +543,11 @@ def test_logged_approx_kl_is_the_sample_estimate_of_the_last_epoch(monkeypatch: 
     expected, minus_log_ratio = last_epoch.mean(axis=0)
     assert expected > 0 and abs(minus_log_ratio - expected) > 0.05 * expected  # mean(-log r) is another number
     assert model.logger.name_to_value["train/approx_kl"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_model_saved_with_one_row_minibatches_still_loads(tmp_path: Any) -> None:
+    # Refused at construction as by SB3's PPO, but older saves hold it: they load and train (without normalization)
+    model = PPOKL("MlpPolicy", "CartPole-v1", n_steps=8, batch_size=2, n_epochs=1)
+    model.batch_size = 1
+    model.save(tmp_path / "model")
+    PPOKL.load(tmp_path / "model", env=make_vec_env("CartPole-v1")).learn(8)

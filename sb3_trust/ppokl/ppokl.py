@@ -184,6 +184,10 @@ class PPOKL(TrustOnPolicyAlgorithm):
         self.kl_coef_max = kl_coef_max
         self._check_hyperparameters()
         self.kl_coef = float(kl_coef)
+        if normalize_advantage and batch_size == 1:
+            # At construction only, as in SB3's PPO: a model saved with it still loads (its one-row minibatches are
+            # trained without normalization)
+            raise ValueError("`batch_size` must be greater than 1 to normalize the advantages per minibatch (as in SB3's PPO)")
         self._warn_of_a_short_minibatch()
         if _init_setup_model:
             self._setup_model()
@@ -199,8 +203,6 @@ class PPOKL(TrustOnPolicyAlgorithm):
         check_positive(target_kl=self.target_kl, kl_coef=self.kl_coef)
         check_positive_or_infinite(max_grad_norm=self.max_grad_norm)
         check_integer(1, batch_size=self.batch_size, n_epochs=self.n_epochs)
-        if self.normalize_advantage and self.batch_size == 1:
-            raise ValueError("`batch_size` must be greater than 1 to normalize the advantages per minibatch (as in SB3's PPO)")
         for name, factor in (("kl_tolerance", self.kl_tolerance), ("kl_coef_factor", self.kl_coef_factor)):
             check_positive(**{name: factor})
             if not factor > 1:
