@@ -316,6 +316,7 @@ def test_dict_observations_and_clipping_options() -> None:
         (dict(kl_coef_min=2.0, kl_coef_max=1.0), "kl_coef_min"),
         (dict(kl_coef=1e5), "kl_coef"),
         (dict(batch_size=1), "greater than 1"),  # as SB3's PPO: one sample has no advantages to normalize
+        (dict(n_steps=1, batch_size=2), "normalize_advantage=False"),  # nor has a one-step rollout
         (dict(clip_range=-0.1), "clip_range"),
         (dict(clip_range_vf=0.0), "clip_range_vf"),
         (dict(max_grad_norm=-0.5), "max_grad_norm"),

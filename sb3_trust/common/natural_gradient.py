@@ -174,11 +174,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             normalized (as sb3-contrib's TRPO refuses)
         """
         self._check_batch_size()
-        if self.env is not None and self.normalize_advantage and self.env.num_envs * self.n_steps == 1:
-            raise ValueError(
-                "A rollout of n_steps * n_envs = 1 step has no advantages to normalize: collect more steps, or pass "
-                "normalize_advantage=False"
-            )
+        self._check_advantages_can_be_normalized()
         if self.env is not None and self.sub_sampling_factor > self.env.num_envs * self.n_steps:
             raise ValueError(
                 f"`sub_sampling_factor` ({self.sub_sampling_factor}) exceeds the rollout size n_steps * n_envs "

@@ -80,6 +80,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     """
 
     batch_size: int
+    normalize_advantage: bool
 
     def learn(
         self: SelfTrustOnPolicyAlgorithm,
@@ -173,6 +174,17 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
 
         :raises ValueError: when one does not fit
         """
+
+    def _check_advantages_can_be_normalized(self) -> None:
+        """
+        :raises ValueError: when advantages are to be normalized over a rollout of one step (SB3's PPO and
+            sb3-contrib's TRPO refuse it too)
+        """
+        if self.env is not None and self.normalize_advantage and self.env.num_envs * self.n_steps == 1:
+            raise ValueError(
+                "A rollout of n_steps * n_envs = 1 step has no advantages to normalize: collect more steps, or pass "
+                "normalize_advantage=False"
+            )
 
     def _check_batch_size(self) -> None:
         """

@@ -188,6 +188,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
             # At construction only, as in SB3's PPO: a model saved with it still loads (its one-row minibatches are
             # trained without normalization)
             raise ValueError("`batch_size` must be greater than 1 to normalize the advantages per minibatch (as in SB3's PPO)")
+        self._check_advantages_can_be_normalized()
         self._warn_of_a_short_minibatch()
         if _init_setup_model:
             self._setup_model()
