@@ -273,9 +273,11 @@ def test_value_head_fisher_factor_comes_from_the_noisy_value_targets(vf_fisher_c
         dict(gae_lambda=1.01),
     ],
 )
-def test_bad_hyperparameters(kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("init_setup_model", [True, False])
+def test_bad_hyperparameters(kwargs: dict[str, Any], init_setup_model: bool) -> None:
+    # Refused at construction, also when the model is built later (as the other algorithms do)
     with pytest.raises(ValueError):
-        ACKTR("MlpPolicy", "CartPole-v1", **kwargs)
+        ACKTR("MlpPolicy", "CartPole-v1", _init_setup_model=init_setup_model, **kwargs)
 
 
 @pytest.mark.slow

@@ -130,7 +130,7 @@ def test_fisher_products_use_the_sub_sample(monkeypatch: pytest.MonkeyPatch) -> 
 
     original_distribution_on = ImportanceSampledSurrogate.distribution_on
 
-    def recording_distribution_on(self: ImportanceSampledSurrogate, rows: th.Tensor | None) -> Any:
+    def recording_distribution_on(self: ImportanceSampledSurrogate, rows: th.Tensor) -> Any:
         # The rows index the surrogate's own (shuffled) copy of the rollout
         indices.append(rows)
         sub_observations.append(self.observations[rows])

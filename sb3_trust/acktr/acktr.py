@@ -3,7 +3,6 @@
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
-from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
@@ -21,7 +20,12 @@ from sb3_trust.common.checks import (
 )
 from sb3_trust.common.distributions import sample_independently
 from sb3_trust.common.kfac import KFAC
-from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
+from sb3_trust.common.on_policy import (
+    SUPPORTED_ACTION_SPACES,
+    TrustOnPolicyAlgorithm,
+    distribution_actions,
+    normalized_advantages,
+)
 from sb3_trust.common.policies import values_and_distribution
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
@@ -53,7 +57,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
         1.0 (default) gives the n-step returns of A2C and the paper
     :param ent_coef: Entropy coefficient for the loss calculation
     :param vf_coef: Value function coefficient for the loss calculation (stable-baselines 2's 0.25; baselines: 0.5)
-    :param max_grad_norm: The maximum value for the gradient clipping (applied by K-FAC before preconditioning)
+    :param max_grad_norm: The maximum global norm of the gradient (weight decay included), clipped by K-FAC before
+        preconditioning
     :param vf_fisher_coef: Weight of the value head's term in the Fisher loss
     :param normalize_advantage: Whether to normalize or not the advantage (off by default, as A2C)
     :param kfac_kl_clip: Trust region radius: bound on the quadratic KL ½·lr²·ν²·ΔᵀF̂Δ of each step (ν ≤ 1: the
@@ -156,6 +161,8 @@ class ACKTR(TrustOnPolicyAlgorithm):
         self.kfac_cold_iters = kfac_cold_iters
         self.kfac_momentum = kfac_momentum
         self.kfac_weight_decay = kfac_weight_decay
+
+        self._check_hyperparameters()
         if _init_setup_model:
             self._setup_model()
 
@@ -193,6 +200,35 @@ class ACKTR(TrustOnPolicyAlgorithm):
             max_grad_norm=self.max_grad_norm,
         )
 
+    def _synced_kfac(self) -> KFAC:
+        """
+        The policy's K-FAC, with the model's current settings.
+
+        :return: the optimizer; a new one when the policy's is not a K-FAC over its parameters (a policy assigned to
+            ``model.policy`` trains, as with SB3's algorithms)
+        """
+        optimizer = self.policy.optimizer
+        policy_parameters = {id(param) for param in self.policy.parameters()}
+        if not isinstance(optimizer, KFAC) or any(
+            id(param) not in policy_parameters for param in optimizer.param_groups[0]["params"]
+        ):
+            self._build_kfac()
+            optimizer = self.policy.optimizer
+            assert isinstance(optimizer, KFAC)
+        # The model's settings win over those a loaded optimizer state brought back (load(..., custom_objects=...)),
+        # and a setting changed on the model applies from the next update, as in SB3's A2C
+        optimizer.param_groups[0].update(
+            damping=self.kfac_damping,
+            kl_clip=self.kfac_kl_clip,
+            momentum=self.kfac_momentum,
+            weight_decay=self.kfac_weight_decay,
+        )
+        optimizer.stat_decay = self.kfac_stat_decay
+        optimizer.inverse_update_freq = self.kfac_inverse_update_freq
+        optimizer.cold_iters = self.kfac_cold_iters
+        optimizer.max_grad_norm = self.max_grad_norm
+        return optimizer
+
     def learn(
         self: SelfACKTR,
         total_timesteps: int,
@@ -229,40 +265,18 @@ class ACKTR(TrustOnPolicyAlgorithm):
         One K-FAC update of A2C's loss on the whole rollout.
         """
         self.policy.set_training_mode(True)
-        optimizer = self.policy.optimizer
-        policy_parameters = {id(param) for param in self.policy.parameters()}
-        if not isinstance(optimizer, KFAC) or any(
-            id(param) not in policy_parameters for param in optimizer.param_groups[0]["params"]
-        ):
-            # A policy assigned to model.policy trains, as with SB3's algorithms: with a K-FAC of its own
-            self._build_kfac()
-            optimizer = self.policy.optimizer
-            assert isinstance(optimizer, KFAC)
+        optimizer = self._synced_kfac()
         self._update_learning_rate(optimizer)
-        # The model's settings win over those a loaded optimizer state brought back (load(..., custom_objects=...)),
-        # and a setting changed on the model applies from the next update, as in SB3's A2C
-        optimizer.param_groups[0].update(
-            damping=self.kfac_damping,
-            kl_clip=self.kfac_kl_clip,
-            momentum=self.kfac_momentum,
-            weight_decay=self.kfac_weight_decay,
-        )
-        optimizer.stat_decay = self.kfac_stat_decay
-        optimizer.inverse_update_freq = self.kfac_inverse_update_freq
-        optimizer.cold_iters = self.kfac_cold_iters
-        optimizer.max_grad_norm = self.max_grad_norm
 
         samples = next(self.rollout_buffer.get(batch_size=None))
-        actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
+        actions = distribution_actions(samples.actions, self.action_space)
         with optimizer.capture():
             values, distribution = values_and_distribution(self.policy, samples.observations)
         values = values.flatten()
         log_prob = distribution.log_prob(actions)
         entropy = distribution.entropy()
 
-        advantages = samples.advantages
-        if self.normalize_advantage and len(advantages) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        advantages = normalized_advantages(samples.advantages) if self.normalize_advantage else samples.advantages
 
         # A2C's loss: -mean(log π(a|s) Â) + vf_coef·mean((R - v)²) - ent_coef·mean(entropy)
         policy_loss = -(advantages * log_prob).mean()

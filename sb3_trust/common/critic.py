@@ -1,9 +1,9 @@
 """Critic regression: the value head fitted to the GAE returns by minibatch mean-squared error."""
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from sb3_trust.common.mlp import LinearStack
@@ -66,7 +66,7 @@ class MLPValueRegression:
         return loss
 
 
-def value_head_layers(policy: Any) -> list[nn.Module]:
+def value_head_layers(policy: ActorCriticPolicy) -> list[nn.Module]:
     """
     :param policy: an SB3 ``ActorCriticPolicy``
     :return: the modules that map the shared features to the value: the MLP extractor's value net, then value_net

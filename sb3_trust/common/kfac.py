@@ -90,7 +90,7 @@ class KFAC(Optimizer):
     :param cold_iters: the first ``cold_iters`` steps skip the preconditioner and the trust region while the
         statistics warm up: the gradient (through the same momentum) at lr/3
     :param weight_decay: L2 coefficient added to the gradient before preconditioning
-    :param max_grad_norm: clip the raw gradient to this global norm (None: no clipping)
+    :param max_grad_norm: clip the gradient (weight decay included) to this global norm (None: no clipping)
     :param eigenvalue_min: eigenvalues of the factors are clamped to at least this before damping
     """
 
@@ -376,7 +376,7 @@ class KFAC(Optimizer):
         layer_rows = self._captured_rows(index)
         with th.no_grad():
             block_grads = self._block_gradients(index, layer_rows, loss_grads[: len(outputs)])
-            for (block, module, _), inputs, fisher_grad in zip(index, layer_rows, fisher_grads, strict=False):
+            for (block, module, _), inputs, fisher_grad in zip(index, layer_rows, fisher_grads[: len(outputs)], strict=True):
                 if fisher_grad is not None:
                     block_inputs, block_output_grads = rows.setdefault(block, ([], []))
                     block_inputs.append(inputs)

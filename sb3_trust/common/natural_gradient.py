@@ -9,6 +9,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
@@ -20,10 +21,10 @@ from sb3_trust.common.conjugate_gradient import conjugate_gradient
 from sb3_trust.common.critic import MLPValueRegression, value_head_layers
 from sb3_trust.common.distributions import torch_distributions
 from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters, set_flat_parameters
-from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm
+from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm, index_observations
 from sb3_trust.common.optim import LeanAdam
 from sb3_trust.common.policies import overridden_methods, split_actor_critic_parameters
-from sb3_trust.common.surrogate import ImportanceSampledSurrogate, index_observations
+from sb3_trust.common.surrogate import ImportanceSampledSurrogate, SurrogateEvaluation
 
 
 class PolicyStep(NamedTuple):
@@ -76,8 +77,9 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize the advantages over the rollout
-    :param target_kl: The trust region δ on the mean KL(π_old ‖ π_new) of one update: a bound that TRPO's line
-        search enforces, the KL that NPG's closed-form step reaches under the quadratic model
+    :param target_kl: The trust region δ on the mean KL(π_old ‖ π_new) of one update (of the joint action
+        distribution, summed over the action dimensions): a bound that TRPO's line search enforces, the KL that NPG's
+        closed-form step reaches under the quadratic model
     :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
         (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -173,12 +175,20 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             (the Fisher sub-sample would have less than one state), or the advantages of a one-step rollout are to be
             normalized (as sb3-contrib's TRPO refuses)
         """
-        self._check_batch_size()
         self._check_advantages_can_be_normalized()
-        if self.env is not None and self.sub_sampling_factor > self.env.num_envs * self.n_steps:
+        if self.env is None:
+            return
+        rollout_size = self.env.num_envs * self.n_steps
+        if rollout_size % self.batch_size != 0:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must divide the rollout size n_steps * n_envs "
+                f"= {self.n_steps} * {self.env.num_envs} = {rollout_size} "
+                "(a loaded model takes another one with load(path, env, batch_size=...))"
+            )
+        if self.sub_sampling_factor > rollout_size:
             raise ValueError(
                 f"`sub_sampling_factor` ({self.sub_sampling_factor}) exceeds the rollout size n_steps * n_envs "
-                f"= {self.env.num_envs * self.n_steps}: the Fisher sub-sample would have less than one state"
+                f"= {rollout_size}: the Fisher sub-sample would have less than one state"
             )
 
     def _setup_model(self) -> None:
@@ -266,6 +276,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         # 2. Natural-gradient direction s = (F + λI)⁻¹ g, and sᵀ(F + λI)s for the step size
         fisher = self._fisher_vector_product(surrogate, evaluation)
         direction, quadratic_form = self._natural_gradient_direction(gradient, fisher)
+        # Frees the graphs kept for the Fisher products before the step rule evaluates trial points
         del fisher, evaluation
 
         # 3. Step rule, from the step α = sqrt(2δ / sᵀFs) that the quadratic KL model puts at the trust region's edge
@@ -287,7 +298,9 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         """
         return ImportanceSampledSurrogate(self.policy, samples, self.normalize_advantage)
 
-    def _fisher_vector_product(self, surrogate: ImportanceSampledSurrogate, evaluation: Any) -> FisherVectorProduct:
+    def _fisher_vector_product(
+        self, surrogate: ImportanceSampledSurrogate, evaluation: SurrogateEvaluation
+    ) -> FisherVectorProduct:
         """
         The damped Fisher-vector product on the rollout, or on a random 1/``sub_sampling_factor`` of it.
 
@@ -306,11 +319,6 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     def _natural_gradient_direction(self, gradient: th.Tensor, fisher: FisherVectorProduct) -> tuple[th.Tensor | None, float]:
         """
         Solve (F + λI) s = g by conjugate gradient (Schulman et al., 2015, App. C).
-
-        The step is sized with the damped sᵀ(F + λI)s, as the peers do: the damping makes the quadratic model
-        of the KL pessimistic, which keeps the closed-form step on the safe side of δ. It is not a small effect:
-        with the RL Zoo's MuJoCo settings, λ‖s‖² is about half of sᵀ(F + λI)s and a step realises about 0.5δ
-        (HalfCheetah; 0.6-0.7δ on Hopper), see docs/benchmarks.md.
 
         :param gradient: g, the flat gradient of the surrogate at θ_old
         :param fisher: the damped Fisher-vector product
@@ -338,8 +346,13 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     def _max_step_size(self, quadratic_form: float) -> float:
         """
-        The largest α with ½ α² sᵀ(F + λI)s = δ: the step that reaches the trust region's edge under the quadratic
+        The largest α with ½ α² sᵀ(F + λI)s ≤ δ: the step that reaches the trust region's edge under the quadratic
         model of the KL (Schulman et al., 2015, App. C: α = sqrt(2δ / sᵀFs)).
+
+        The step is sized with the damped sᵀ(F + λI)s, as the peers do: the damping makes the quadratic model
+        of the KL pessimistic, which keeps the closed-form step on the safe side of δ. It is not a small effect:
+        with the RL Zoo's MuJoCo settings, λ‖s‖² is about half of sᵀ(F + λI)s and a step realises about 0.5δ
+        (HalfCheetah; 0.6-0.7δ on Hopper), see docs/benchmarks.md.
 
         :param quadratic_form: sᵀ(F + λI)s
         :return: α
@@ -416,7 +429,13 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         self.logger.record("train/policy_objective", step.objective_gain)
         self.logger.record("train/step_size", step.step_size)
 
-    def _record_distribution_stats(self, distribution: Any) -> None:
+    def _record_distribution_stats(self, distribution: Distribution) -> None:
+        """
+        Log the policy's mean entropy (when it has a closed form) and, for continuous actions, its mean standard
+        deviation.
+
+        :param distribution: the policy's distribution on the rollout, at θ_old
+        """
         with th.no_grad():
             entropy = distribution.entropy()
             if entropy is not None:

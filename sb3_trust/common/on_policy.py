@@ -68,6 +68,36 @@ def evaluation_chunks(n_samples: int) -> list[slice]:
     return [slice(start, start + EVALUATION_CHUNK_SIZE) for start in range(0, n_samples, EVALUATION_CHUNK_SIZE)]
 
 
+def index_observations(observations: th.Tensor | TensorDict, indices: th.Tensor | slice) -> th.Tensor | TensorDict:
+    """
+    :param observations: a batch of observations (a tensor, or a dict of tensors for Dict spaces)
+    :param indices: the rows to keep (indices, or a slice for a view)
+    :return: the selected rows
+    """
+    if isinstance(observations, dict):
+        return {key: value[indices] for key, value in observations.items()}
+    return observations[indices]
+
+
+def distribution_actions(actions: th.Tensor, action_space: spaces.Space) -> th.Tensor:
+    """
+    :param actions: actions as SB3's rollout buffer gives them (float32 rows, one per sample)
+    :param action_space: the space they come from
+    :return: the actions in the form the policy's ``log_prob`` takes: a Categorical wants a flat integer index
+    """
+    return actions.long().flatten() if isinstance(action_space, spaces.Discrete) else actions
+
+
+def normalized_advantages(advantages: th.Tensor) -> th.Tensor:
+    """
+    :param advantages: the advantages of a batch
+    :return: them standardised over the batch, as SB3 does (a single row has no spread and is left as it is)
+    """
+    if len(advantages) > 1:
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return advantages
+
+
 class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     """
     SB3's ``OnPolicyAlgorithm`` with a leaner ``collect_rollouts``.
@@ -79,7 +109,6 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     and draws its action without SB3's distribution objects where the law allows (``_action_sampler``).
     """
 
-    batch_size: int
     normalize_advantage: bool
 
     def learn(
@@ -170,7 +199,8 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
     def _check_rollout_size(self) -> None:
         """
         Check the parameters that must fit the rollout (n_steps * n_envs): at construction and before training.
-        Without minibatches there is nothing to check; algorithms with them override this.
+        Nothing to check here; NPG and TRPO override it (PPOKL, as SB3's PPO, checks its minibatches at construction
+        only).
 
         :raises ValueError: when one does not fit
         """
@@ -184,17 +214,6 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             raise ValueError(
                 "A rollout of n_steps * n_envs = 1 step has no advantages to normalize: collect more steps, or pass "
                 "normalize_advantage=False"
-            )
-
-    def _check_batch_size(self) -> None:
-        """
-        :raises ValueError: when ``batch_size`` does not divide the rollout (n_steps * n_envs)
-        """
-        if self.env is not None and (self.env.num_envs * self.n_steps) % self.batch_size != 0:
-            raise ValueError(
-                f"`batch_size` ({self.batch_size}) must divide the rollout size n_steps * n_envs "
-                f"= {self.n_steps} * {self.env.num_envs} = {self.env.num_envs * self.n_steps} "
-                "(a loaded model takes another one with load(path, env, batch_size=...))"
             )
 
     def collect_rollouts(
@@ -246,7 +265,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             if clip_actions:
                 assert isinstance(self.action_space, spaces.Box)
                 clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
-            elif isinstance(self.action_space, spaces.Box):
+            elif continuous_actions:
                 clipped_actions = self.policy.unscale_action(actions)
 
             new_obs, rewards, dones, infos = env.step(clipped_actions)
@@ -350,8 +369,7 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
             flat_obs = observations.reshape(n_samples, *observations.shape[2:])
         # Cast to float32 as SB3's buffer does when it samples (integer actions break the Bernoulli log-prob)
         flat_actions = th.as_tensor(rollout_buffer.actions.reshape(n_samples, -1).astype(np.float32), device=self.device)
-        if isinstance(self.action_space, spaces.Discrete):
-            flat_actions = flat_actions.long().flatten()
+        flat_actions = distribution_actions(flat_actions, self.action_space)
         values = np.empty(n_samples, dtype=np.float32)
         log_probs = np.empty(n_samples, dtype=np.float32)
         for chunk in evaluation_chunks(n_samples):

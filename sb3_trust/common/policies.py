@@ -93,18 +93,3 @@ def values_and_distribution(
         latent_pi = policy.mlp_extractor.forward_actor(pi_features)
         latent_vf = policy.mlp_extractor.forward_critic(vf_features)
     return policy.value_net(latent_vf), policy._get_action_dist_from_latent(latent_pi)
-
-
-def evaluate_actions_with_distribution(
-    policy: ActorCriticPolicy, obs: th.Tensor | dict[str, th.Tensor], actions: th.Tensor
-) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, Distribution]:
-    """
-    ``ActorCriticPolicy.evaluate_actions`` that also returns the action distribution (for an analytic KL).
-
-    :param policy: the policy
-    :param obs: observations
-    :param actions: actions taken in those states
-    :return: values, log-probabilities of the actions, entropy (None without a closed form), distribution
-    """
-    values, distribution = values_and_distribution(policy, obs)
-    return values, distribution.log_prob(actions), distribution.entropy(), distribution

@@ -3,23 +3,12 @@
 from dataclasses import dataclass
 
 import torch as th
-from gymnasium import spaces
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.type_aliases import RolloutBufferSamples, TensorDict
+from stable_baselines3.common.type_aliases import RolloutBufferSamples
 
 from sb3_trust.common.distributions import detach_distribution, mean_kl
-
-
-def index_observations(observations: th.Tensor | TensorDict, indices: th.Tensor | slice) -> th.Tensor | TensorDict:
-    """
-    :param observations: a batch of observations (a tensor, or a dict of tensors for Dict spaces)
-    :param indices: the rows to keep (indices, or a slice for a view)
-    :return: the selected rows
-    """
-    if isinstance(observations, dict):
-        return {key: value[indices] for key, value in observations.items()}
-    return observations[indices]
+from sb3_trust.common.on_policy import distribution_actions, index_observations, normalized_advantages
 
 
 @dataclass
@@ -53,13 +42,8 @@ class ImportanceSampledSurrogate:
     def __init__(self, policy: ActorCriticPolicy, samples: RolloutBufferSamples, normalize_advantage: bool) -> None:
         self.policy = policy
         self.observations = samples.observations
-        self.actions = samples.actions
-        if isinstance(policy.action_space, spaces.Discrete):
-            self.actions = self.actions.long().flatten()
-        advantages = samples.advantages
-        if normalize_advantage and len(advantages) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        self.advantages = advantages
+        self.actions = distribution_actions(samples.actions, policy.action_space)
+        self.advantages = normalized_advantages(samples.advantages) if normalize_advantage else samples.advantages
         with th.no_grad():
             distribution = policy.get_distribution(self.observations)
             self.old_log_prob = distribution.log_prob(self.actions)
@@ -79,12 +63,11 @@ class ImportanceSampledSurrogate:
         objective = (ratio * self.advantages).mean()
         return SurrogateEvaluation(objective, mean_kl(self.old_distribution, distribution), distribution)
 
-    def distribution_on(self, indices: th.Tensor | None) -> Distribution:
+    def distribution_on(self, indices: th.Tensor) -> Distribution:
         """
         The policy's distribution on a subset of the states, with a graph to the parameters.
 
-        :param indices: the rows to use, or None for all of them
+        :param indices: the rows to use
         :return: the distribution
         """
-        observations = self.observations if indices is None else index_observations(self.observations, indices)
-        return self.policy.get_distribution(observations)
+        return self.policy.get_distribution(index_observations(self.observations, indices))

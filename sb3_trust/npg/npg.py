@@ -14,11 +14,12 @@ from sb3_trust.npg.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 class NPG(NaturalGradientAlgorithm):
     """
     Natural Policy Gradient: θ ← θ + sqrt(2δ / sᵀFs) · s with s = F⁻¹g solved by conjugate gradient, F damped
-    to F + λI (``cg_damping``) in both, as in sb3-contrib's TRPO (docs/benchmarks.md: the realised KL is then below δ).
+    to F + λI (``cg_damping``) in both, as in sb3-contrib's TRPO.
 
     The step is the closed-form solution of the linear-quadratic trust-region problem (Kakade, 2001; Schulman,
-    "Advanced Policy Gradient Methods", 2017); unlike TRPO there is no line search, so the realised KL is only
-    approximately δ.
+    "Advanced Policy Gradient Methods", 2017). Unlike TRPO there is no line search, so nothing enforces the realised
+    KL: under the damped quadratic model it falls below δ (about 0.5-0.7δ with the RL Zoo's MuJoCo settings,
+    docs/benchmarks.md).
 
     The constructor's parameters are those of :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`;
     ``target_kl`` is the δ the quadratic model of the mean KL(π_old ‖ π_new) is sized to.

@@ -5,11 +5,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
-from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule, TensorDict
 from stable_baselines3.common.utils import FloatSchedule, explained_variance
 from torch.nn import functional as F
 
@@ -21,9 +20,15 @@ from sb3_trust.common.distributions import (
     mean_kl,
     select_distribution,
 )
-from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm, evaluation_chunks
-from sb3_trust.common.policies import evaluate_actions_with_distribution
-from sb3_trust.common.surrogate import index_observations
+from sb3_trust.common.on_policy import (
+    SUPPORTED_ACTION_SPACES,
+    TrustOnPolicyAlgorithm,
+    distribution_actions,
+    evaluation_chunks,
+    index_observations,
+    normalized_advantages,
+)
+from sb3_trust.common.policies import values_and_distribution
 from sb3_trust.ppokl.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
 
@@ -259,7 +264,7 @@ class PPOKL(TrustOnPolicyAlgorithm):
         clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(progress)  # type: ignore[operator]
 
         samples = next(self.rollout_buffer.get(batch_size=None))
-        actions = samples.actions.long().flatten() if isinstance(self.action_space, spaces.Discrete) else samples.actions
+        actions = distribution_actions(samples.actions, self.action_space)
         n_samples = len(actions)
         # π_old over the whole rollout, frozen: each minibatch's KL term compares against its rows
         old_distribution, chunks = self._frozen_rollout_distribution(samples.observations, n_samples)
@@ -293,16 +298,8 @@ class PPOKL(TrustOnPolicyAlgorithm):
                 f"PPOKL: {n_skipped} minibatches skipped, their loss or gradient was not finite", RuntimeWarning, stacklevel=2
             )
 
-        # d: the KL this whole update moved the policy by, on its rollout (in chunks); it drives β
-        self.policy.set_training_mode(False)
-        kl_sum = 0.0
-        with th.no_grad():
-            for chunk in chunks:
-                distribution = self.policy.get_distribution(index_observations(samples.observations, chunk))
-                log_ratio = distribution.log_prob(actions[chunk]) - samples.old_log_prob[chunk]
-                chunk_kl = self._mean_kl(old_distribution, chunk, distribution, log_ratio)
-                kl_sum += chunk_kl.item() * len(log_ratio)
-        rollout_kl = kl_sum / n_samples
+        # d: the KL this whole update moved the policy by, on its rollout; it drives β
+        rollout_kl = self._rollout_kl(samples, actions, old_distribution, chunks)
         kl_coef_used = self.kl_coef
         if n_applied > 0:
             # (A policy that did not move says nothing about β: halving it would only weaken the next penalty)
@@ -338,7 +335,30 @@ class PPOKL(TrustOnPolicyAlgorithm):
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
-    def _frozen_rollout_distribution(self, observations: Any, n_samples: int) -> tuple[Distribution, list[slice]]:
+    def _rollout_kl(
+        self, samples: RolloutBufferSamples, actions: th.Tensor, old_distribution: Distribution, chunks: list[slice]
+    ) -> float:
+        """
+        The mean KL(π_old ‖ π_new) over the whole rollout, in evaluation mode as π_old was evaluated.
+
+        :param samples: the whole rollout
+        :param actions: its actions, in the form the policy's log-probability takes
+        :param old_distribution: π_old on the whole rollout, detached
+        :param chunks: the rows π_old was evaluated in, which cover the rollout
+        :return: d
+        """
+        self.policy.set_training_mode(False)
+        kl_sum = 0.0
+        with th.no_grad():
+            for chunk in chunks:
+                distribution = self.policy.get_distribution(index_observations(samples.observations, chunk))
+                log_ratio = distribution.log_prob(actions[chunk]) - samples.old_log_prob[chunk]
+                kl_sum += self._mean_kl(old_distribution, chunk, distribution, log_ratio).item() * len(log_ratio)
+        return kl_sum / len(actions)
+
+    def _frozen_rollout_distribution(
+        self, observations: th.Tensor | TensorDict, n_samples: int
+    ) -> tuple[Distribution, list[slice]]:
         """
         The policy's distribution over the rollout, detached, in evaluation mode as the rollout's log-probabilities
         were computed (dropout or batch norm would otherwise shift it). Evaluated in chunks of rows, which bound the
@@ -381,12 +401,11 @@ class PPOKL(TrustOnPolicyAlgorithm):
         :param clip_range_vf: value clipping (None: none)
         :return: the loss and the values of its terms for logging
         """
-        values, log_prob, entropy, distribution = evaluate_actions_with_distribution(
-            self.policy, index_observations(samples.observations, indices), actions[indices]
-        )
+        values, distribution = values_and_distribution(self.policy, index_observations(samples.observations, indices))
+        log_prob, entropy = distribution.log_prob(actions[indices]), distribution.entropy()
         advantages = samples.advantages[indices]
-        if self.normalize_advantage and len(advantages) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        if self.normalize_advantage:
+            advantages = normalized_advantages(advantages)
         log_ratio = log_prob - samples.old_log_prob[indices]
         ratio = th.exp(log_ratio)
         # L = -mean(r Â) + β mean KL(π_old ‖ π_θ)  (PPO paper, Eq. 8; seed 002 "KL Penalty Version")

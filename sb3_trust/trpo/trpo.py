@@ -2,7 +2,6 @@
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
@@ -26,7 +25,9 @@ class TRPO(NaturalGradientAlgorithm):
     Paper: https://arxiv.org/abs/1502.05477
 
     The parameters, their order and their defaults are sb3-contrib's TRPO's, with ``cg_tolerance`` added before
-    ``_init_setup_model``.
+    ``_init_setup_model``. One difference of scale: ``target_kl`` bounds the KL of the joint action distribution,
+    where sb3-contrib averages the KL over the d action dimensions (``Box`` actions), so sb3-contrib's ``target_kl``
+    and ``cg_damping`` times d give its update here (the settings in ``zoo_configs/`` are scaled so).
 
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
@@ -50,7 +51,7 @@ class TRPO(NaturalGradientAlgorithm):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize the advantages over the rollout
     :param target_kl: The trust region δ: the line search keeps a step only if the mean KL(π_old ‖ π_new) on the
-        rollout is at most δ
+        rollout (of the joint action distribution, summed over the action dimensions) is at most δ
     :param sub_sampling_factor: Compute the Fisher-vector products on a random 1/k of the rollout
         (k = 1 uses it all); the gradient and the KL checks always use the whole rollout
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -162,8 +163,7 @@ class TRPO(NaturalGradientAlgorithm):
         if not result.accepted:
             self._set_actor_parameters(old_parameters)
             return PolicyStep(0.0, 0.0, 0.0, result.n_evaluations, False)
-        gain = result.objective - objective_before
-        return PolicyStep(result.step_size, result.kl, float(np.float64(gain)), result.n_evaluations, True)
+        return PolicyStep(result.step_size, result.kl, result.objective - objective_before, result.n_evaluations, True)
 
     def _record_step(self, step: PolicyStep) -> None:
         """
