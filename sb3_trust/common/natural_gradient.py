@@ -175,20 +175,17 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
             (the Fisher sub-sample would have less than one state), or the advantages of a one-step rollout are to be
             normalized (as sb3-contrib's TRPO refuses)
         """
-        self._check_advantages_can_be_normalized()
-        if self.env is None:
-            return
-        rollout_size = self.env.num_envs * self.n_steps
-        if rollout_size % self.batch_size != 0:
+        if self.env is not None and (self.env.num_envs * self.n_steps) % self.batch_size != 0:
             raise ValueError(
                 f"`batch_size` ({self.batch_size}) must divide the rollout size n_steps * n_envs "
-                f"= {self.n_steps} * {self.env.num_envs} = {rollout_size} "
+                f"= {self.n_steps} * {self.env.num_envs} = {self.env.num_envs * self.n_steps} "
                 "(a loaded model takes another one with load(path, env, batch_size=...))"
             )
-        if self.sub_sampling_factor > rollout_size:
+        self._check_advantages_can_be_normalized()
+        if self.env is not None and self.sub_sampling_factor > self.env.num_envs * self.n_steps:
             raise ValueError(
                 f"`sub_sampling_factor` ({self.sub_sampling_factor}) exceeds the rollout size n_steps * n_envs "
-                f"= {rollout_size}: the Fisher sub-sample would have less than one state"
+                f"= {self.env.num_envs * self.n_steps}: the Fisher sub-sample would have less than one state"
             )
 
     def _setup_model(self) -> None:

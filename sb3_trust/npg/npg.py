@@ -18,8 +18,9 @@ class NPG(NaturalGradientAlgorithm):
 
     The step is the closed-form solution of the linear-quadratic trust-region problem (Kakade, 2001; Schulman,
     "Advanced Policy Gradient Methods", 2017). Unlike TRPO there is no line search, so nothing enforces the realised
-    KL: under the damped quadratic model it falls below δ (about 0.5-0.7δ with the RL Zoo's MuJoCo settings,
-    docs/benchmarks.md).
+    KL. The step is sized with the damped quadratic form, which over-estimates the KL, so in practice the realised KL
+    is below δ (about 0.5-0.7δ with the RL Zoo's MuJoCo settings, docs/benchmarks.md); it can exceed δ where the
+    quadratic model is poor.
 
     The constructor's parameters are those of :class:`~sb3_trust.common.natural_gradient.NaturalGradientAlgorithm`;
     ``target_kl`` is the δ the quadratic model of the mean KL(π_old ‖ π_new) is sized to.

@@ -26,8 +26,9 @@ class TRPO(NaturalGradientAlgorithm):
 
     The parameters, their order and their defaults are sb3-contrib's TRPO's, with ``cg_tolerance`` added before
     ``_init_setup_model``. One difference of scale: ``target_kl`` bounds the KL of the joint action distribution,
-    where sb3-contrib averages the KL over the d action dimensions (``Box`` actions), so sb3-contrib's ``target_kl``
-    and ``cg_damping`` times d give its update here (the settings in ``zoo_configs/`` are scaled so).
+    where sb3-contrib averages the KL over the d action dimensions (``Box`` and ``MultiBinary`` actions), so
+    sb3-contrib's ``target_kl`` and ``cg_damping`` times d give its update here (the settings in ``zoo_configs/`` are
+    scaled so).
 
     :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
     :param env: The environment to learn from (if registered in Gym, can be str)
