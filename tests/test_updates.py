@@ -22,6 +22,7 @@ from sb3_trust import NPG, TRPO
 from sb3_trust.common import natural_gradient
 from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_parameters
 from sb3_trust.common.line_search import LineSearchResult, backtracking_line_search
+from sb3_trust.common.on_policy import normalized_advantages
 from sb3_trust.common.surrogate import ImportanceSampledSurrogate
 from tests.test_fisher import dense_kl_hessian
 
@@ -498,3 +499,17 @@ def test_box_actions_are_clipped_for_the_env_but_stored_unclipped() -> None:
     stored = model.rollout_buffer.actions.flatten()
     assert np.mean(np.abs(stored) > 0.1) > 0.5
     assert np.allclose(np.clip(stored, -0.1, 0.1), received)
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 64])
+def test_normalized_advantages(n_rows: int) -> None:
+    # SB3's rule, used by the surrogate, PPOKL's minibatches and ACKTR: standardised with the unbiased std as soon as
+    # there are two rows; a single row has no spread and is left as it is
+    advantages = th.randn(n_rows, generator=th.Generator().manual_seed(n_rows)) * 3.0 + 1.0
+    normalized = normalized_advantages(advantages)
+    if n_rows == 1:
+        assert th.equal(normalized, advantages)
+        return
+    values = advantages.double().numpy()
+    expected = (values - values.mean()) / (values.std(ddof=1) + 1e-8)
+    assert np.allclose(normalized.double().numpy(), expected, rtol=1e-5, atol=1e-6)
