@@ -1,12 +1,16 @@
 """Atari games: the zoo's `atari` entries through ``python -m sb3_trust.train`` and rl-zoo3, K-FAC on NatureCNN."""
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import ale_py  # noqa: F401  (the tests extra installs it: a missing emulator must fail here, not skip)
+import gymnasium as gym
 import pytest
 import torch as th
+from stable_baselines3.common.atari_wrappers import AtariWrapper
 from stable_baselines3.common.torch_layers import NatureCNN
 
 from sb3_trust import ACKTR, PPOKL, train
@@ -124,3 +128,86 @@ def test_both_scripts_warn_of_a_repeated_frame_skip(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(train, "build_env", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("built")))
     with pytest.warns(UserWarning, match="repeats it 4 times more"), pytest.raises(RuntimeError, match="built"):
         main(["--algo", "acktr", "--env", "ALE/Pong-v5", "--output", str(tmp_path)])
+
+
+# --- Tests added by mutation testing ---
+
+
+class CustomAtariWrapper(AtariWrapper):
+    """A variant of SB3's AtariWrapper, as an entry may name one: it repeats actions the same way."""
+
+
+def test_a_subclass_of_atari_wrapper_repeats_the_frames_too() -> None:
+    warning = train.repeated_frame_skip("ALE/Pong-v5", {"env_wrapper": ["tests.test_atari.CustomAtariWrapper"]})
+    assert warning is not None and "repeats it 4 times more" in warning
+
+
+def test_a_game_registered_by_its_module_prefix_is_recognised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "module:EnvId" imports the module, which registers the game, before the registry is asked
+    (tmp_path / "sb3_trust_test_games.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('SbTrustPong-v0', entry_point='ale_py.env:AtariEnv', kwargs={'game': 'pong', 'frameskip': 1})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert train.is_atari_game("sb3_trust_test_games:SbTrustPong-v0")
+    finally:
+        gym.registry.pop("SbTrustPong-v0", None)
+        sys.modules.pop("sb3_trust_test_games", None)
+
+
+def test_the_command_registers_the_games_itself(tmp_path: Path) -> None:
+    # A fresh process, where nothing imported ale_py: the game is still known to be one (trpo.yml has no atari entry)
+    command = [sys.executable, "-m", "sb3_trust.train", "--algo", "trpo", "--env", GAME, "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no 'atari' entry" in result.stderr, result.stderr
+
+
+def test_the_rl_zoo_check_registers_the_games_itself(tmp_path: Path) -> None:
+    config = tmp_path / "trpo.yml"
+    config.write_text("CartPole-v1: {n_envs: 2}\n")
+    code = (
+        "import sys, pathlib; from sb3_trust.zoo import check_atari_entry; "
+        "check_atari_entry(pathlib.Path(sys.argv[1]), sys.argv[2])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(config), GAME], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "no 'atari' entry" in result.stderr, result.stderr
+
+
+def test_the_rl_zoo_check_reads_the_entry_that_rl_zoo_reads(tmp_path: Path) -> None:
+    from sb3_trust.zoo import check_atari_entry
+
+    wrapper = "env_wrapper: [stable_baselines3.common.atari_wrappers.AtariWrapper]"
+    config = tmp_path / "ppokl.yml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # A game's own entry needs no atari entry, and wins over it
+        config.write_text(f"ALE/Pong-v5: {{env_kwargs: {{frameskip: 1}}, {wrapper}}}\n")
+        check_atari_entry(config, "ALE/Pong-v5")
+        config.write_text(f"ALE/Pong-v5: {{env_kwargs: {{frameskip: 1}}, {wrapper}}}\natari: {{{wrapper}}}\n")
+        check_atari_entry(config, "ALE/Pong-v5")
+        # The command line's env_kwargs replace the entry's
+        config.write_text(f"atari: {{env_kwargs: {{frameskip: 4}}, {wrapper}}}\n")
+        check_atari_entry(config, "ALE/Pong-v5", {"env_kwargs": {"frameskip": 1}})
+        # A file that does not exist is left to rl-zoo3
+        check_atari_entry(tmp_path / "missing.yml", GAME)
+    # An empty file has no atari entry either
+    config.write_text("")
+    with pytest.raises(SystemExit, match="no 'atari' entry"):
+        check_atari_entry(config, GAME)
+
+
+def test_the_wrapper_checks_what_the_command_line_puts_over_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("rl_zoo3")
+    import rl_zoo3.train
+
+    from sb3_trust import zoo
+
+    monkeypatch.setattr(rl_zoo3.train, "train", lambda: None)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    # ppokl.yml's atari entry wraps the game in AtariWrapper: ALE/Pong-v5 repeats actions itself, unless told not to
+    with pytest.warns(UserWarning, match="repeats it 4 times more"):
+        zoo.main(["train", "--algo", "ppokl", "--env", "ALE/Pong-v5"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zoo.main(["train", "--algo", "ppokl", "--env", "ALE/Pong-v5", "--env-kwargs", "frameskip:1"])

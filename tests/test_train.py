@@ -7,10 +7,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 from stable_baselines3.common.callbacks import ConvertCallback, ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
 from sb3_trust import NPG, TRPO, train
 from sb3_trust.train import TRAIN_RUN_KEYS, keyword_arguments, main, normalize_kwargs, split_run_keys
@@ -349,3 +350,125 @@ def test_linear_schedules_of_the_clip_ranges() -> None:
     # rl-zoo3's `lin_<value>` is understood for clip_range and clip_range_vf too (PPOKL's atari entry uses it)
     converted = train.linear_schedules({"clip_range": "lin_0.1", "clip_range_vf": "lin_0.4"})
     assert converted["clip_range"](0.5) == pytest.approx(0.05) and converted["clip_range_vf"](0.25) == pytest.approx(0.1)
+
+
+# --- Tests added by mutation testing ---
+
+
+def _write_npg_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    """
+    :param tmp_path: folder of the ``npg.yml`` made for the test, which becomes the shipped folder
+    :param monkeypatch: to make it the shipped folder
+    :param entry: CartPole-v1's entry, as a YAML flow mapping's content
+    """
+    (tmp_path / "npg.yml").write_text(f"CartPole-v1: {{{entry}}}\n")
+    monkeypatch.setattr(train, "CONFIG_DIR", tmp_path)
+
+
+def test_train_takes_the_algorithm_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `make train` passes the Makefile's --algo TRPO: the name is case-insensitive
+    _write_npg_config(tmp_path, monkeypatch, "n_steps: 32, batch_size: 32, n_critic_updates: 1")
+    main(
+        [
+            "--algo",
+            "NPG",
+            "--env",
+            "CartPole-v1",
+            "--timesteps",
+            "32",
+            "--eval-episodes",
+            "1",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed0.zip").n_steps == 32
+
+
+def test_train_runs_the_entry_s_n_timesteps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without --timesteps, the entry's n_timesteps (a !!float in the zoo files) is the length of the run
+    _write_npg_config(tmp_path, monkeypatch, "n_timesteps: !!float 64, n_steps: 32, batch_size: 32, n_critic_updates: 1")
+    main(["--algo", "npg", "--env", "CartPole-v1", "--eval-episodes", "1", "--output", str(tmp_path / "out")])
+    assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed0.zip").num_timesteps == 64
+
+
+def test_train_evaluates_10_episodes_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/rl_zoo.rst: evaluated for --eval-episodes episodes, 10 by default
+    episodes: list[int] = []
+
+    def recording_evaluate(model: Any, env: Any, **kwargs: Any) -> tuple[float, float]:
+        episodes.append(kwargs["n_eval_episodes"])
+        return 0.0, 0.0
+
+    monkeypatch.setattr(train, "evaluate_policy", recording_evaluate)
+    _write_npg_config(tmp_path, monkeypatch, "n_steps: 32, batch_size: 32, n_critic_updates: 1")
+    for extra in ([], ["--eval-episodes", "3"]):
+        main(["--algo", "npg", "--env", "CartPole-v1", "--timesteps", "32", "--output", str(tmp_path / "out"), *extra])
+    assert episodes == [10, 3]
+
+
+def test_train_seeds_the_environments_and_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The environments get --seed and, for the evaluation, --seed + 10 000 (docs/rl_zoo.rst); the model gets --seed
+    seeds: list[int] = []
+
+    def recording_make_vec_env(*args: Any, **kwargs: Any) -> Any:
+        seeds.append(kwargs["seed"])
+        return make_vec_env(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_vec_env", recording_make_vec_env)
+    _write_npg_config(tmp_path, monkeypatch, "n_steps: 32, batch_size: 32, n_critic_updates: 1")
+    _train_npg_on_cartpole(tmp_path, "--seed", "3")
+    assert seeds == [3, 10_003]
+    assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed3.zip").seed == 3
+
+
+def test_frames_are_stacked_after_the_normalization_and_the_entry_is_left_alone() -> None:
+    run = {"normalize": {"norm_obs": True}, "frame_stack": 2}
+    evaluation = train.build_env("CartPole-v1", run, 0, 0.9, evaluation=True)
+    training = train.build_env("CartPole-v1", run, 0, None)
+    # As in rl-zoo3, normalized observations are stacked: the statistics are those of one observation
+    assert isinstance(training, VecFrameStack) and isinstance(training.venv, VecNormalize)
+    assert training.venv.obs_rms.mean.shape == (4,) and training.observation_space.shape == (8,)
+    # The evaluation environment's settings did not leak into the entry, nor into the next environment built from it
+    assert run == {"normalize": {"norm_obs": True}, "frame_stack": 2}
+    assert training.venv.training and training.venv.norm_reward and training.venv.gamma == 0.99
+    assert isinstance(evaluation, VecFrameStack) and not evaluation.venv.training
+    training.close()
+    evaluation.close()
+
+
+def test_checkpoint_names_match_the_stem_exactly(tmp_path: Path) -> None:
+    # A dot in the stem is a dot, and only `<stem>[_N].zip` and `<stem>[_N].vecnormalize.pkl` count: not a backup
+    (tmp_path / "PongXv5_seed0_40.zip").touch()
+    (tmp_path / "Pong.v5_seed0_7.zip.bak").touch()
+    assert train.unused_checkpoint_path(tmp_path, "Pong.v5_seed0").name == "Pong.v5_seed0.zip"
+    # An output folder that does not exist yet, however deep
+    assert train.unused_checkpoint_path(tmp_path / "a" / "b", "x") == tmp_path / "a" / "b" / "x.zip"
+
+
+def test_hyperparameter_files_policy_kwargs_empty_and_missing(tmp_path: Path) -> None:
+    # policy_kwargs strings are evaluated with torch.nn at hand, as rl-zoo3 does
+    (tmp_path / "npg.yml").write_text('CartPole-v1: {policy_kwargs: "dict(net_arch=[8], activation_fn=nn.ReLU)"}\n')
+    expected = {"policy_kwargs": {"net_arch": [8], "activation_fn": th.nn.ReLU}}
+    assert train.load_hyperparameters("npg", "CartPole-v1", tmp_path) == expected
+    (tmp_path / "npg.yml").write_text("# nothing yet\n")
+    assert train.load_hyperparameters("npg", "CartPole-v1", tmp_path) == {}
+    assert train.load_hyperparameters("trpo", "CartPole-v1", tmp_path) == {}  # no trpo.yml
+
+
+def test_an_env_wrapper_mapping_names_one_wrapper() -> None:
+    with pytest.raises(TypeError, match="dotted path"):
+        train.wrapper_class([{"gymnasium.wrappers.TimeLimit": {}, "gymnasium.wrappers.FlattenObservation": {}}])
+
+
+def test_a_run_interrupted_before_its_first_step_is_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C before the progress bar started (while the environments reset): no bar to close, the run is still saved
+    def interrupted_learn(self: NPG, *args: Any, **kwargs: Any) -> NPG:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(NPG, "learn", interrupted_learn)
+    _write_npg_config(tmp_path, monkeypatch, "n_steps: 32, batch_size: 32, n_critic_updates: 1")
+    with pytest.raises(SystemExit) as stop:
+        _train_npg_on_cartpole(tmp_path, "--progress-bar")
+    assert stop.value.code == 130
+    assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed0.zip").num_timesteps == 0

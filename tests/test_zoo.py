@@ -209,3 +209,112 @@ def test_registration_installs_our_converter() -> None:
 
     register_algorithms()
     assert all(HYPERPARAMS_CONVERTER[algo] is convert_sampled_params for algo in SAMPLERS)
+
+
+# --- Tests added by mutation testing ---
+
+
+def test_main_registers_everything_before_rl_zoo_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rl_zoo3.train
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER, convert_onpolicy_params, sample_trpo_params
+    from rl_zoo3.utils import ALGOS
+
+    from sb3_trust import zoo
+
+    register_algorithms()
+    # sb3-contrib's TRPO keeps its search space and its converter under its new name
+    assert HYPERPARAMS_SAMPLER["trpo_contrib"] is sample_trpo_params
+    assert HYPERPARAMS_CONVERTER["trpo_contrib"] is convert_onpolicy_params
+    # As in a fresh process: rl-zoo3's tables without our algorithms, until the wrapper's main adds them
+    for table in (ALGOS, HYPERPARAMS_SAMPLER, HYPERPARAMS_CONVERTER):
+        for algo in zoo.SAMPLERS:
+            monkeypatch.delitem(table, algo)
+    seen: list[dict[str, tuple]] = []
+
+    def fake_train() -> None:
+        tables = (ALGOS, HYPERPARAMS_SAMPLER, HYPERPARAMS_CONVERTER)
+        seen.append({algo: tuple(table.get(algo) for table in tables) for algo in zoo.SAMPLERS})
+
+    monkeypatch.setattr(rl_zoo3.train, "train", fake_train)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    zoo.main(["train", "--algo", "npg", "--env", "X-v0"])
+    expected = {algo: (ALGORITHMS[algo], zoo.SAMPLERS[algo], zoo.convert_sampled_params) for algo in zoo.SAMPLERS}
+    assert seen == [expected]
+
+
+def test_rl_zoo_s_defaults_apply_without_algo_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rl_zoo3.train
+
+    from sb3_trust import zoo
+
+    given: list[list[str]] = []
+    monkeypatch.setattr(rl_zoo3.train, "train", lambda: given.append(sys.argv[1:]))
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    # rl-zoo3's --algo is ppo by default: rl-zoo3 finds its file itself
+    zoo.main(["train", "--env", "X-v0"])
+    # its --env is CartPole-v1 by default, no Atari game: trpo.yml needs no atari entry for it
+    zoo.main(["train", "--algo", "trpo"])
+    assert given == [["--env", "X-v0"], ["--conf-file", str(CONFIG_DIR / "trpo.yml"), "--algo", "trpo"]]
+    with pytest.raises(SystemExit, match="usage"):
+        zoo.main([])
+
+
+def test_command_lines_that_cannot_be_read_are_left_to_rl_zoo() -> None:
+    from sb3_trust.zoo import _entry_overrides, _option_value
+
+    assert _option_value(["--env", "x", "--algo"], "--algo") is None  # an option without its value
+    assert _entry_overrides(["--env-kwargs", "frameskip"]) == {}  # not key:value: rl-zoo3 reports it
+
+
+class SpaceRecordingTrial(RecordingTrial):
+    """A RecordingTrial that also records every space: (low, high, log) ranges and categorical choices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spaces: dict[str, tuple] = {}
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        self.spaces[name] = (low, high, log)
+        return super().suggest_float(name, low, high, log)
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        self.spaces[name] = (low, high, log)
+        return super().suggest_int(name, low, high)
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        self.spaces[name] = tuple(choices)
+        return super().suggest_categorical(name, choices)
+
+
+def _spaces(sampler: Any) -> dict[str, tuple]:
+    """
+    :param sampler: an rl-zoo3 style sampler
+    :return: the spaces it samples from, for one action dimension
+    """
+    trial = SpaceRecordingTrial()
+    sampler(trial, 1, 1, {})
+    return trial.spaces
+
+
+def test_search_spaces_are_the_documented_ones() -> None:
+    from rl_zoo3.hyperparams_opt import sample_a2c_params, sample_ppo_params, sample_trpo_params
+
+    from sb3_trust.zoo import sample_acktr_params, sample_natural_gradient_params, sample_ppokl_params
+
+    def without(spaces: dict[str, tuple], *keys: str) -> dict[str, tuple]:
+        return {key: value for key, value in spaces.items() if key not in keys}
+
+    # NPG and TRPO: rl-zoo3's TRPO space (target_kl is the same for one action dimension), with cg_damping added
+    ours = _spaces(sample_natural_gradient_params)
+    assert without(ours, "batch_size_pow", "cg_damping") == without(_spaces(sample_trpo_params), "batch_size_pow")
+    # PPOKL: rl-zoo3's PPO space without the clipping, d_targ over the PPO paper's 0.003 to 0.03
+    ours = _spaces(sample_ppokl_params)
+    assert without(ours, "batch_size_pow", "target_kl") == without(_spaces(sample_ppo_params), "batch_size_pow", "clip_range")
+    assert ours["target_kl"] == (0.003, 0.03, True)
+    # ACKTR: A2C's loss settings, K-FAC's step around the paper's 0.25 and its trust region around baselines' 0.001
+    ours = _spaces(sample_acktr_params)
+    a2c = _spaces(sample_a2c_params)
+    for key in ("one_minus_gamma", "one_minus_gae_lambda", "ent_coef", "max_grad_norm", "net_arch", "activation_fn"):
+        assert ours[key] == a2c[key], key
+    assert ours["learning_rate"][0] < 0.25 < ours["learning_rate"][1]
+    assert ours["kfac_kl_clip"][0] < 0.001 < ours["kfac_kl_clip"][1]
