@@ -166,10 +166,7 @@ def test_the_command_registers_the_games_itself(tmp_path: Path) -> None:
 def test_the_rl_zoo_check_registers_the_games_itself(tmp_path: Path) -> None:
     config = tmp_path / "trpo.yml"
     config.write_text("CartPole-v1: {n_envs: 2}\n")
-    code = (
-        "import sys, pathlib; from sb3_trust.zoo import check_atari_entry; "
-        "check_atari_entry(pathlib.Path(sys.argv[1]), sys.argv[2])"
-    )
+    code = "import sys, pathlib; from sb3_trust import zoo; zoo.check_atari_entry(pathlib.Path(sys.argv[1]), sys.argv[2])"
     result = subprocess.run([sys.executable, "-c", code, str(config), GAME], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "no 'atari' entry" in result.stderr, result.stderr
 

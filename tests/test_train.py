@@ -368,20 +368,8 @@ def _write_npg_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: st
 def test_train_takes_the_algorithm_in_any_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `make train` passes the Makefile's --algo TRPO: the name is case-insensitive
     _write_npg_config(tmp_path, monkeypatch, "n_steps: 32, batch_size: 32, n_critic_updates: 1")
-    main(
-        [
-            "--algo",
-            "NPG",
-            "--env",
-            "CartPole-v1",
-            "--timesteps",
-            "32",
-            "--eval-episodes",
-            "1",
-            "--output",
-            str(tmp_path / "out"),
-        ]
-    )
+    arguments = ["--algo", "NPG", "--env", "CartPole-v1", "--timesteps", "32", "--eval-episodes", "1"]
+    main([*arguments, "--output", str(tmp_path / "out")])
     assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed0.zip").n_steps == 32
 
 
@@ -472,3 +460,16 @@ def test_a_run_interrupted_before_its_first_step_is_saved(tmp_path: Path, monkey
         _train_npg_on_cartpole(tmp_path, "--progress-bar")
     assert stop.value.code == 130
     assert NPG.load(tmp_path / "out" / "npg_CartPole-v1_seed0.zip").num_timesteps == 0
+
+
+def test_the_configs_of_the_checkout_win_over_installed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    installed = data / "share" / "sb3_trust" / "zoo_configs"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(train.sysconfig, "get_path", lambda *args, **kwargs: str(data))
+    monkeypatch.setattr(train.sys, "prefix", str(data))
+    # An editable install reads the checkout's files, not those of an older `pip install .` beside it
+    assert train.find_config_dir() == Path(train.__file__).resolve().parent.parent / "zoo_configs"
+    # An installed package, with no checkout around it, reads the installed copy
+    monkeypatch.setattr(train, "__file__", str(tmp_path / "site-packages" / "sb3_trust" / "train.py"))
+    assert train.find_config_dir() == installed

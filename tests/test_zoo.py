@@ -318,3 +318,12 @@ def test_search_spaces_are_the_documented_ones() -> None:
         assert ours[key] == a2c[key], key
     assert ours["learning_rate"][0] < 0.25 < ours["learning_rate"][1]
     assert ours["kfac_kl_clip"][0] < 0.001 < ours["kfac_kl_clip"][1]
+
+
+def test_the_last_option_wins_in_either_spelling() -> None:
+    from sb3_trust.zoo import _option_value
+
+    # argparse keeps the last value, whether given as `--name value` or `--name=value`
+    assert _option_value(["--algo=ppo", "--algo=npg"], "--algo") == "npg"
+    assert _option_value(["--algo", "ppo", "--algo=npg"], "--algo") == "npg"
+    assert _option_value(["--algo=ppo", "--algo", "npg"], "--algo") == "npg"
