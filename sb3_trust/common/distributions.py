@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch as th
-from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+    StateDependentNoiseDistribution,
+)
 from torch.distributions import Bernoulli, Categorical, Independent, Normal, TransformedDistribution
 from torch.distributions import Distribution as TorchDistribution
 from torch.distributions.transforms import (
@@ -61,6 +68,59 @@ def sample_independently(distribution: Distribution) -> th.Tensor:
         gaussian_actions = distribution.distribution.sample()
         return gaussian_actions if distribution.bijector is None else distribution.bijector.forward(gaussian_actions)
     return distribution.sample()
+
+
+# The distributions that :func:`sample_with_common_noise` draws from
+COMMON_NOISE_DISTRIBUTIONS = (
+    DiagGaussianDistribution,
+    CategoricalDistribution,
+    MultiCategoricalDistribution,
+    BernoulliDistribution,
+)
+
+
+def _inverse_cdf_categorical(categorical: Categorical, uniforms: th.Tensor) -> th.Tensor:
+    cumulative = categorical.probs.cumsum(dim=-1)
+    # The first index whose cumulative probability exceeds u; clamped against round-off in the last sum
+    return (cumulative <= uniforms.unsqueeze(-1)).sum(dim=-1).clamp(max=categorical.probs.shape[-1] - 1)
+
+
+def sample_with_common_noise(distribution: Distribution, group_size: int, generator: th.Generator | None = None) -> th.Tensor:
+    """
+    One action per row, the rows in consecutive groups of ``group_size`` sharing their random numbers (common random
+    numbers, seed 004 Sec. 1.4.2): rows of one group with the same law draw the same action, and rows with close
+    laws draw close actions. A Gaussian row is μ + σ ε, a categorical row the inverse of its CDF at u, a Bernoulli
+    row 1[u < p], with ε or u drawn once per group.
+
+    :param distribution: an SB3 diagonal Gaussian, categorical, multi-categorical or Bernoulli distribution
+        (``COMMON_NOISE_DISTRIBUTIONS``) on which ``proba_distribution`` has been called, over a multiple of
+        ``group_size`` rows
+    :param group_size: the number of consecutive rows that share their random numbers
+    :param generator: the random number generator (torch's global one when None)
+    :return: the actions, as ``distribution.sample()`` shapes them
+    :raises TypeError: for other distributions
+    """
+    if not isinstance(distribution, COMMON_NOISE_DISTRIBUTIONS):
+        raise TypeError(f"{type(distribution).__name__} has no common-random-number sampler here")
+    actions = []
+    for part in torch_distributions(distribution):
+        batch_shape = part.batch_shape
+        if batch_shape[0] % group_size != 0:
+            raise ValueError(f"{batch_shape[0]} rows are no whole number of groups of {group_size}")
+        noise_shape = (batch_shape[0] // group_size, *batch_shape[1:])
+        if isinstance(part, Normal):
+            noise = th.randn(noise_shape, generator=generator, device=part.loc.device)
+            actions.append(part.loc + part.scale * noise.repeat_interleave(group_size, dim=0))
+            continue
+        probs = part.probs
+        uniforms = th.rand(noise_shape, generator=generator, device=probs.device).repeat_interleave(group_size, dim=0)
+        if isinstance(part, Categorical):
+            actions.append(_inverse_cdf_categorical(part, uniforms))
+        else:
+            actions.append((uniforms < probs).to(probs.dtype))
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return th.stack(actions, dim=1)
+    return actions[0]
 
 
 # The torch distributions rebuilt from their defining parameters (cached ones such as ``probs`` would go stale)
