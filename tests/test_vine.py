@@ -86,7 +86,9 @@ def test_vine_surrogate_kl_and_fisher_states_are_the_trunk() -> None:
         assert expected > 1e-3
         assert surrogate.evaluate().kl.item() == pytest.approx(expected.item(), rel=1e-5)
     rows = th.tensor([1, 4])
-    assert th.allclose(surrogate.distribution_on(rows).distribution.mean, policy.get_distribution(trunk[rows]).distribution.mean)
+    assert th.allclose(
+        surrogate.distribution_on(rows).distribution.mean, policy.get_distribution(trunk[rows]).distribution.mean
+    )
 
 
 def test_vine_surrogate_normalized_scale() -> None:

@@ -112,6 +112,7 @@ def sample_with_common_noise(distribution: Distribution, group_size: int, genera
             noise = th.randn(noise_shape, generator=generator, device=part.loc.device)
             actions.append(part.loc + part.scale * noise.repeat_interleave(group_size, dim=0))
             continue
+        assert isinstance(part, (Categorical, Bernoulli))
         probs = part.probs
         uniforms = th.rand(noise_shape, generator=generator, device=probs.device).repeat_interleave(group_size, dim=0)
         if isinstance(part, Categorical):

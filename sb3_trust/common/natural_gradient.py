@@ -24,7 +24,7 @@ from sb3_trust.common.fisher import FisherVectorProduct, flat_gradient, flat_par
 from sb3_trust.common.on_policy import SUPPORTED_ACTION_SPACES, TrustOnPolicyAlgorithm, index_observations
 from sb3_trust.common.optim import LeanAdam
 from sb3_trust.common.policies import overridden_methods, split_actor_critic_parameters
-from sb3_trust.common.surrogate import ImportanceSampledSurrogate, SurrogateEvaluation
+from sb3_trust.common.surrogate import ImportanceSampledSurrogate, Surrogate, SurrogateEvaluation
 
 
 class PolicyStep(NamedTuple):
@@ -286,7 +286,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
                 step = self._interruptible_step(surrogate, direction, max_step_size, objective_before)
         return step
 
-    def _build_surrogate(self, samples: RolloutBufferSamples) -> ImportanceSampledSurrogate:
+    def _build_surrogate(self, samples: RolloutBufferSamples) -> Surrogate:
         """
         The samples and the surrogate objective of this update (single path: the rollout itself).
 
@@ -295,9 +295,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         """
         return ImportanceSampledSurrogate(self.policy, samples, self.normalize_advantage)
 
-    def _fisher_vector_product(
-        self, surrogate: ImportanceSampledSurrogate, evaluation: SurrogateEvaluation
-    ) -> FisherVectorProduct:
+    def _fisher_vector_product(self, surrogate: Surrogate, evaluation: SurrogateEvaluation) -> FisherVectorProduct:
         """
         The damped Fisher-vector product on the rollout, or on a random 1/``sub_sampling_factor`` of it.
 
@@ -357,7 +355,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
         return float(np.sqrt(2.0 * self.target_kl / quadratic_form))
 
     def _interruptible_step(
-        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
+        self, surrogate: Surrogate, direction: th.Tensor, max_step_size: float, objective_before: float
     ) -> PolicyStep:
         """
         :meth:`_take_step`, with θ_old put back when it is interrupted (Ctrl-C, an exception in the surrogate):
@@ -379,7 +377,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
     def _set_actor_parameters(self, flat: th.Tensor) -> None:
         set_flat_parameters(self.actor_parameters, flat)
 
-    def _evaluate_trial(self, surrogate: ImportanceSampledSurrogate, parameters: th.Tensor) -> tuple[float, float]:
+    def _evaluate_trial(self, surrogate: Surrogate, parameters: th.Tensor) -> tuple[float, float]:
         """
         Move the actor to trial parameters and evaluate the surrogate there.
 
@@ -404,7 +402,7 @@ class NaturalGradientAlgorithm(TrustOnPolicyAlgorithm):
 
     @abstractmethod
     def _take_step(
-        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
+        self, surrogate: Surrogate, direction: th.Tensor, max_step_size: float, objective_before: float
     ) -> PolicyStep:
         """
         Move the actor parameters along the natural-gradient direction.

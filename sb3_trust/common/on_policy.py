@@ -11,7 +11,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import CategoricalDistribution, DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-from stable_baselines3.common.policies import BaseModel
+from stable_baselines3.common.policies import BaseModel, BasePolicy
 from stable_baselines3.common.save_util import load_from_zip_file, recursive_getattr
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import MaybeCallback, TensorDict
@@ -86,6 +86,23 @@ def distribution_actions(actions: th.Tensor, action_space: spaces.Space) -> th.T
     :return: the actions in the form the policy's ``log_prob`` takes: a Categorical wants a flat integer index
     """
     return actions.long().flatten() if isinstance(action_space, spaces.Discrete) else actions
+
+
+def env_actions(actions: np.ndarray, policy: BasePolicy) -> np.ndarray:
+    """
+    The actions drawn from the policy as SB3's rollout passes them to the environment: clipped to a ``Box`` action
+    space's bounds, or mapped back to them from [-1, 1] by a policy that squashes its output.
+
+    :param actions: actions drawn from the policy's distribution
+    :param policy: the policy
+    :return: the environment's actions
+    """
+    action_space = policy.action_space
+    if not isinstance(action_space, spaces.Box):
+        return actions
+    if policy.squash_output:
+        return policy.unscale_action(actions)
+    return np.clip(actions, action_space.low, action_space.high)
 
 
 def normalized_advantages(advantages: th.Tensor) -> th.Tensor:
@@ -244,7 +261,6 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         placeholder = th.zeros(env.num_envs)
         truncated_episodes: list[tuple[int, int, np.ndarray | dict[str, np.ndarray]]] = []
         continuous_actions = isinstance(self.action_space, spaces.Box)
-        clip_actions = continuous_actions and not self.policy.squash_output
         sample_actions = self._action_sampler()
         # Not computed per step (see the class docstring): None, rather than what the previous rollout's end left there
         callback.update_locals(dict(values=None, log_probs=None))
@@ -261,13 +277,9 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
                 # Where torch's argument checks stop SB3's rollout (the direct sampler has none): an environment must
                 # not be stepped with NaN actions
                 raise ValueError("The policy drew non-finite actions: are the observations finite?")
-            clipped_actions = actions
-            if clip_actions:
-                assert isinstance(self.action_space, spaces.Box)
-                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
-            elif continuous_actions:
-                clipped_actions = self.policy.unscale_action(actions)
+            clipped_actions = env_actions(actions, self.policy)
 
+            self._before_env_step(n_steps)
             new_obs, rewards, dones, infos = env.step(clipped_actions)
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
@@ -305,6 +317,13 @@ class TrustOnPolicyAlgorithm(OnPolicyAlgorithm):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _before_env_step(self, n_steps: int) -> None:
+        """
+        Called in the rollout before each step of the environments (TRPO's vine sampling saves their states here).
+
+        :param n_steps: the index of the step in the rollout
+        """
 
     def _action_sampler(self) -> Callable[[th.Tensor | TensorDict], th.Tensor]:
         """

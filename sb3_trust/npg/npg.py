@@ -7,7 +7,7 @@ import torch as th
 from stable_baselines3.common.policies import BasePolicy
 
 from sb3_trust.common.natural_gradient import NaturalGradientAlgorithm, PolicyStep
-from sb3_trust.common.surrogate import ImportanceSampledSurrogate
+from sb3_trust.common.surrogate import Surrogate
 from sb3_trust.npg.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
 
@@ -33,7 +33,7 @@ class NPG(NaturalGradientAlgorithm):
     }
 
     def _take_step(
-        self, surrogate: ImportanceSampledSurrogate, direction: th.Tensor, max_step_size: float, objective_before: float
+        self, surrogate: Surrogate, direction: th.Tensor, max_step_size: float, objective_before: float
     ) -> PolicyStep:
         """
         The closed-form natural-gradient step θ ← θ_old + sqrt(2δ / sᵀFs) · s.

@@ -1,0 +1,221 @@
+"""
+Vine sampling (Schulman et al., 2015, Sec. 5.2; seed 004, Sec. 1.4.2): the environment states saved along the
+trunk rollout, and the branch rollouts that estimate Q(s_n, a_{n,k}) from them with common random numbers.
+"""
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize
+
+from sb3_trust.common.distributions import sample_with_common_noise
+from sb3_trust.common.on_policy import env_actions
+from sb3_trust.common.snapshots import EnvSnapshot, make_branch_env, restore_env, state_handler
+
+# The VecEnv wrappers a vine rollout can see through: statistics only (VecMonitor), or a transformation of
+# observations and rewards that is applied to the branches with frozen statistics (VecNormalize)
+TRANSPARENT_VEC_WRAPPERS = (VecMonitor, VecNormalize)
+
+
+def branchable_envs(env: VecEnv) -> tuple[DummyVecEnv, VecNormalize | None]:
+    """
+    The ``DummyVecEnv`` whose environments vine sampling copies, below the training environment's wrappers.
+
+    :param env: the training environment
+    :return: the ``DummyVecEnv`` and the ``VecNormalize`` on top of it, if any
+    :raises ValueError: for environments in other processes (``SubprocVecEnv``) and for wrappers that change
+        observations in ways the branches could not reproduce (frame stacking, image transposition)
+    """
+    vec_normalize = None
+    layer = env
+    while isinstance(layer, TRANSPARENT_VEC_WRAPPERS):
+        if isinstance(layer, VecNormalize):
+            if vec_normalize is not None:
+                raise ValueError("Vine sampling supports one VecNormalize, not several")
+            vec_normalize = layer
+        layer = layer.venv
+    if not isinstance(layer, DummyVecEnv):
+        raise ValueError(
+            f"Vine sampling branches rollouts from copies of the environments' states, so it needs them in this "
+            f"process: a DummyVecEnv (optionally inside VecNormalize or VecMonitor), not {type(layer).__name__}"
+        )
+    return layer, vec_normalize
+
+
+def check_vine_env(env: VecEnv) -> tuple[DummyVecEnv, VecNormalize | None]:
+    """
+    Check that vine sampling can branch from the training environment's states.
+
+    :param env: the training environment
+    :return: its ``DummyVecEnv`` and ``VecNormalize`` (:func:`branchable_envs`)
+    :raises ValueError: for the environments :func:`branchable_envs` refuses
+    :raises TypeError: for an environment whose state cannot be saved (:func:`~sb3_trust.common.snapshots.state_handler`)
+    """
+    vec_env, vec_normalize = branchable_envs(env)
+    for sub_env in vec_env.envs:
+        state_handler(sub_env.unwrapped)
+    return vec_env, vec_normalize
+
+
+class BranchEnvPool:
+    """
+    The environments the branches run in, made once per environment of the training ``DummyVecEnv`` and reused:
+    a MuJoCo or ALE environment takes milliseconds to build, and an update runs hundreds of branches.
+    """
+
+    def __init__(self) -> None:
+        self._vec_env: DummyVecEnv | None = None
+        self._envs: dict[int, list[gym.Env]] = {}
+
+    def restored(self, vec_env: DummyVecEnv, snapshots: list[tuple[int, EnvSnapshot]], n_copies: int) -> list[gym.Env]:
+        """
+        :param vec_env: the training environments
+        :param snapshots: (index of the environment in ``vec_env``, its saved state) for each state
+        :param n_copies: the number of branch environments per state
+        :return: ``n_copies`` environments in each saved state, state-major
+        """
+        if vec_env is not self._vec_env:
+            # Another training environment (set_env): branch environments are made anew from its own
+            self._vec_env, self._envs = vec_env, {}
+        used: dict[int, int] = {}
+        branch_envs = []
+        for env_index, saved in snapshots:
+            pool = self._envs.setdefault(env_index, [])
+            for _ in range(n_copies):
+                slot = used.get(env_index, 0)
+                used[env_index] = slot + 1
+                if slot == len(pool):
+                    pool.append(make_branch_env(vec_env.envs[env_index]))
+                restore_env(pool[slot], saved)
+                branch_envs.append(pool[slot])
+        return branch_envs
+
+
+@dataclass
+class VineBatch:
+    """
+    The rollout set of one update and what its branches estimated (the vine surrogate's samples).
+
+    :param states: the N states, as the policy takes them
+    :param actions: the N·K first actions, state-major, as the policy's distribution draws them
+    :param proposal_log_prob: log q(a_{n,k}|s_n), shape (N, K)
+    :param q_values: the estimates of Q(s_n, a_{n,k}), shape (N, K)
+    """
+
+    states: th.Tensor | dict[str, th.Tensor]
+    actions: th.Tensor
+    proposal_log_prob: th.Tensor
+    q_values: th.Tensor
+
+
+@dataclass
+class BranchResult:
+    """
+    What the branch rollouts of one rollout set gave.
+
+    :param q_values: the estimates of Q(s_n, a_{n,k}), shape (N, K)
+    :param env_steps: the number of environment steps the branches took
+    """
+
+    q_values: th.Tensor
+    env_steps: int
+
+
+def stack_observations(observations: list) -> np.ndarray | dict[str, np.ndarray]:
+    """
+    :param observations: single observations of one space (arrays, or dicts of arrays for Dict spaces)
+    :return: them as one batch
+    """
+    if isinstance(observations[0], dict):
+        return {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
+    return np.stack(observations)
+
+
+def branch_rollouts(
+    policy: ActorCriticPolicy,
+    envs: list[gym.Env],
+    first_actions: th.Tensor,
+    n_actions: int,
+    horizon: int,
+    gamma: float,
+    vec_normalize: VecNormalize | None,
+    generator: th.Generator,
+) -> BranchResult:
+    """
+    Estimate Q(s_n, a_{n,k}) = Σ_{h<H} γʰ r_h + γᴴ V(s_H) by K rollouts from each saved state s_n: the k-th
+    starts with the action a_{n,k}, then follows the current policy for at most H steps in all. The K branches of
+    one state share their random numbers (seed 004, Sec. 1.4.2): each starts from the same saved state, random
+    generator included, and draws its actions with the same noise (:func:`sample_with_common_noise`),
+    so two branches differ only through their first actions. A branch that terminates adds nothing after; one that
+    the time limit truncates, or that reaches the horizon, is completed by the critic's value of its last state.
+
+    :param policy: the policy at θ_old (actions and values)
+    :param envs: the N·K branch environments, state-major, each in its state s_n (:class:`BranchEnvPool`)
+    :param first_actions: the N·K first actions a_{n,k}, state-major, as the policy's distribution draws them
+    :param n_actions: K
+    :param horizon: H, the most steps a branch takes (its first action included)
+    :param gamma: the discount factor
+    :param vec_normalize: the training environment's ``VecNormalize``, whose statistics normalize the branches'
+        observations and rewards (they are not updated); None without one
+    :param generator: the random number generator of the branches' actions
+    :return: the Q-value estimates, shape (N, K), and the number of environment steps taken
+    """
+    n_branches = len(envs)
+    returns = np.zeros(n_branches)
+    discount = np.ones(n_branches)
+    alive = np.ones(n_branches, dtype=bool)
+    # Branches that end by truncation or at the horizon: their last observation, to bootstrap from
+    last_observations: list = [None] * n_branches
+    actions = first_actions
+    env_steps = 0
+    for step in range(horizon):
+        step_actions = env_actions(actions.cpu().numpy(), policy)
+        observations = []
+        for index in np.flatnonzero(alive):
+            obs, reward, terminated, truncated, _ = envs[index].step(step_actions[index])
+            env_steps += 1
+            if vec_normalize is not None:
+                reward = vec_normalize.normalize_reward(np.array([reward]))[0]
+            returns[index] += discount[index] * float(reward)
+            discount[index] *= gamma
+            if terminated:
+                alive[index] = False
+            elif truncated or step == horizon - 1:
+                alive[index] = False
+                last_observations[index] = obs
+            else:
+                observations.append(obs)
+        if step == horizon - 1 or not alive.any():
+            break
+        # Every branch keeps its place in the batch, so that the K branches of a state stay one group of the noise;
+        # the rows of branches that ended are filled with a live one's observation and ignored
+        batch = [None] * n_branches
+        for index, obs in zip(np.flatnonzero(alive), observations, strict=True):
+            batch[index] = obs
+        filler = observations[0]
+        obs_tensor = _policy_input([filler if obs is None else obs for obs in batch], vec_normalize, policy)
+        with th.no_grad():
+            distribution = policy.get_distribution(obs_tensor)
+            actions = sample_with_common_noise(distribution, n_actions, generator)
+
+    bootstrap = [index for index, obs in enumerate(last_observations) if obs is not None]
+    if bootstrap:
+        obs_tensor = _policy_input([last_observations[index] for index in bootstrap], vec_normalize, policy)
+        with th.no_grad():
+            values = policy.predict_values(obs_tensor).flatten().cpu().numpy()
+        returns[bootstrap] += discount[bootstrap] * values
+    q_values = th.as_tensor(returns, dtype=th.float32, device=policy.device).view(n_branches // n_actions, n_actions)
+    return BranchResult(q_values, env_steps)
+
+
+def _policy_input(
+    observations: list, vec_normalize: VecNormalize | None, policy: ActorCriticPolicy
+) -> th.Tensor | dict[str, th.Tensor]:
+    batch = stack_observations(observations)
+    if vec_normalize is not None:
+        batch = vec_normalize.normalize_obs(batch)
+    return obs_as_tensor(batch, policy.device)
