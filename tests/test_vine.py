@@ -1,15 +1,28 @@
 """TRPO's vine sampling: the surrogate of Eqs. 32-33 and the common random numbers, against dense computations."""
 
+import copy
 import math
+from collections.abc import Callable
+from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch as th
+from gymnasium.utils import EzPickle
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFrameStack, VecNormalize
+
+from sb3_trust import TRPO
 
 from sb3_trust.common.distributions import detach_distribution, mean_kl, sample_with_common_noise, torch_distributions
 from sb3_trust.common.fisher import flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.policies import split_actor_critic_parameters
+from sb3_trust.common.snapshots import make_branch_env, restore_env, snapshot_env, wrapper_chain
 from sb3_trust.common.surrogate import VineSurrogate
+from sb3_trust.common.vine import BranchEnvPool, branch_rollouts, branchable_envs
 from tests.test_fisher import tiny_policy
 
 
@@ -164,3 +177,306 @@ def test_common_noise_refusals() -> None:
         sample_with_common_noise(gsde, 2)
     with pytest.raises(ValueError, match="5 rows are no whole number of groups of 2"):
         sample_with_common_noise(tiny_policy("gaussian").get_distribution(th.randn(5, 3)), 2)
+
+
+# --- Environment snapshots and branch rollouts ---------------------------------------------------------------------
+
+
+class NoisyChain(gym.Env):
+    """
+    Plain-Python environment: the observation is (step, noise), the reward 1 + the noise, drawn from ``np_random`` in
+    every step; it terminates after ``length`` steps.
+    """
+
+    def __init__(self, length: int = 1000, n_actions: int = 2) -> None:
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,))
+        self.action_space = gym.spaces.Discrete(n_actions)
+        self.length = length
+        self.t = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0, 0.0], dtype=np.float32), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        noise = float(self.np_random.normal())
+        return np.array([self.t, noise], dtype=np.float32), 1.0 + noise, self.t >= self.length, False, {}
+
+
+def stepped_vec_env(env_id: str | Callable[[], gym.Env], n_steps: int = 7) -> DummyVecEnv:
+    vec_env = make_vec_env(env_id, n_envs=1, seed=3)
+    assert isinstance(vec_env, DummyVecEnv)
+    vec_env.reset()
+    vec_env.action_space.seed(0)
+    for _ in range(n_steps):
+        vec_env.step(np.array([vec_env.action_space.sample()]))
+    return vec_env
+
+
+def steps_until_done(env: gym.Env, actions: list) -> list[tuple[Any, float, bool]]:
+    steps = []
+    for action in actions:
+        obs, reward, terminated, truncated, _ = env.step(action)
+        steps.append((obs, float(reward), terminated or truncated))
+        if terminated or truncated:
+            break
+    return steps
+
+
+def short_time_limit() -> gym.Env:
+    # The trunk is 5 steps from its time limit when saved: a branch restored again after running into it must not
+    # inherit its step count
+    return gym.wrappers.TimeLimit(NoisyChain(), 12)
+
+
+SNAPSHOT_ENVS = ["CartPole-v1", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5", "Ant-v5", NoisyChain, short_time_limit]
+
+
+@pytest.mark.parametrize("env_id", SNAPSHOT_ENVS, ids=lambda env_id: getattr(env_id, "__name__", env_id))
+def test_branch_replays_the_trunk_exactly(env_id: Any) -> None:
+    # A branch restored from a snapshot and given the trunk's next actions sees the trunk's observations and rewards,
+    # bit for bit; the trunk's Monitor records none of the branch's steps
+    vec_env = stepped_vec_env(env_id)
+    trunk = vec_env.envs[0]
+    saved = snapshot_env(trunk)
+    actions = [vec_env.action_space.sample() for _ in range(30)]
+    branch = make_branch_env(trunk)
+    assert not any(isinstance(wrapper, Monitor) for wrapper in wrapper_chain(branch))
+    for _ in range(2):  # a snapshot can be restored more than once
+        restore_env(branch, saved)
+        branch_steps = steps_until_done(branch, actions)
+    assert isinstance(trunk, Monitor)
+    steps_before = trunk.get_total_steps()
+    trunk_steps = steps_until_done(trunk, actions)
+    assert trunk.get_total_steps() == steps_before + len(trunk_steps) >= steps_before + 5
+    assert len(branch_steps) == len(trunk_steps)
+    for (branch_obs, branch_reward, branch_done), (trunk_obs, trunk_reward, trunk_done) in zip(
+        branch_steps, trunk_steps, strict=True
+    ):
+        np.testing.assert_array_equal(branch_obs, trunk_obs)
+        assert branch_reward == trunk_reward and branch_done == trunk_done
+
+
+def test_branch_replays_an_atari_trunk_with_sticky_actions() -> None:
+    # ALE's own generator (sticky actions) is in the snapshot: without it two branches would differ
+    ale_py = pytest.importorskip("ale_py")
+    gym.register_envs(ale_py)
+    vec_env = stepped_vec_env(lambda: gym.make("ALE/Pong-v5", repeat_action_probability=0.5), n_steps=40)
+    trunk = vec_env.envs[0]
+    saved = snapshot_env(trunk)
+    actions = [vec_env.action_space.sample() for _ in range(60)]
+    branch = make_branch_env(trunk)
+    restore_env(branch, saved)
+    branch_steps, trunk_steps = steps_until_done(branch, actions), steps_until_done(trunk, actions)
+    assert len(branch_steps) == len(trunk_steps)
+    np.testing.assert_array_equal(np.stack([s[0] for s in branch_steps]), np.stack([s[0] for s in trunk_steps]))
+
+
+def test_snapshot_refusals() -> None:
+    with pytest.raises(TypeError, match="Cannot save the state of LunarLander"):
+        snapshot_env(gym.make("LunarLander-v3"))
+
+
+class UserStateEnv(NoisyChain, EzPickle):
+    """An EzPickle environment (no deep copy) that saves its own state."""
+
+    def __init__(self) -> None:
+        NoisyChain.__init__(self)
+        EzPickle.__init__(self)
+
+    def get_vine_state(self) -> tuple[int, str]:
+        return self.t, "saved"
+
+    def set_vine_state(self, state: tuple[int, str]) -> None:
+        self.t = state[0]
+
+
+def test_snapshot_uses_the_environments_own_methods() -> None:
+    vec_env = stepped_vec_env(UserStateEnv, n_steps=5)
+    saved = snapshot_env(vec_env.envs[0])
+    assert saved.simulator_state == (5, "saved")
+    branch = make_branch_env(vec_env.envs[0])
+    restore_env(branch, saved)
+    assert branch.unwrapped.t == 5  # type: ignore[attr-defined]
+    assert branch.step(0)[0][0] == vec_env.envs[0].step(0)[0][0] == 6
+
+
+def branch_policy(env: gym.Env, seed: int = 0) -> ActorCriticPolicy:
+    th.manual_seed(seed)
+    return ActorCriticPolicy(env.observation_space, env.action_space, lambda _: 1e-3, net_arch=[8])
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", NoisyChain], ids=["Pendulum-v1", "NoisyChain"])
+def test_common_random_numbers_give_equal_q_for_equal_actions(env_id: Any) -> None:
+    # The K branches of a state share the environment's and the policy's noise: equal first actions, equal Q
+    vec_env = stepped_vec_env(env_id)
+    policy = branch_policy(vec_env.envs[0])
+    saved = [(0, snapshot_env(vec_env.envs[0]))]
+    n_actions = 4
+    first = policy.get_distribution(th.zeros(1, *vec_env.observation_space.shape)).sample()
+    envs = BranchEnvPool().restored(vec_env, saved, n_actions)
+    result = branch_rollouts(policy, envs, first.repeat_interleave(n_actions, dim=0), n_actions, 30, 0.9, None, th.Generator())
+    assert result.q_values.shape == (1, n_actions)
+    assert th.all(result.q_values == result.q_values[0, 0])
+    assert result.env_steps == 30 * n_actions
+    if env_id == "Pendulum-v1":
+        # Without shared policy noise (groups of one), they differ
+        envs = BranchEnvPool().restored(vec_env, saved, n_actions)
+        independent = branch_rollouts(
+            policy, envs, first.repeat_interleave(n_actions, dim=0), 1, 30, 0.9, None, th.Generator()
+        ).q_values.flatten()
+        assert len(set(independent.tolist())) == n_actions
+
+
+class ConstantValue(ActorCriticPolicy):
+    def predict_values(self, obs: th.Tensor) -> th.Tensor:  # type: ignore[override]
+        return th.full((len(obs), 1), 10.0)
+
+
+@pytest.mark.parametrize(
+    ("length", "time_limit", "horizon", "expected_steps", "bootstrap"),
+    [(4, None, 10, 4, False), (50, None, 6, 6, True), (50, 5, 10, 5, True)],
+    ids=["terminated", "horizon", "truncated"],
+)
+def test_branch_q_values(length: int, time_limit: int | None, horizon: int, expected_steps: int, bootstrap: bool) -> None:
+    # Q = Σ_{h<L} γʰ r_h (+ γᴸ V(s_L) when cut by the horizon or the time limit), with NoisyChain's rewards 1 + noise
+    def make() -> gym.Env:
+        env = NoisyChain(length=length)
+        return gym.wrappers.TimeLimit(env, time_limit) if time_limit else env
+
+    vec_env = make_vec_env(make, n_envs=1, seed=0)
+    replay = make_vec_env(make, n_envs=1, seed=0)
+    vec_env.reset()
+    replay.reset()
+    policy = ConstantValue(vec_env.observation_space, vec_env.action_space, lambda _: 1e-3, net_arch=[8])
+    envs = BranchEnvPool().restored(vec_env, [(0, snapshot_env(vec_env.envs[0]))], 2)
+    q_values = branch_rollouts(policy, envs, th.tensor([0, 1]), 2, horizon, 0.9, None, th.Generator()).q_values
+    rewards = [replay.envs[0].step(0)[1] for _ in range(expected_steps)]
+    expected = sum(0.9**h * reward for h, reward in enumerate(rewards)) + (0.9**expected_steps * 10.0 if bootstrap else 0.0)
+    assert q_values.flatten().tolist() == pytest.approx([expected, expected], rel=1e-6)
+
+
+class StepCountValue(ActorCriticPolicy):
+    def predict_values(self, obs: th.Tensor) -> th.Tensor:  # type: ignore[override]
+        return obs[:, :1]
+
+
+def test_branch_rewards_and_observations_normalized_with_frozen_statistics() -> None:
+    # Rewards through normalize_reward, the bootstrap's observation through normalize_obs (V(o) = its first
+    # coordinate here), and VecNormalize's statistics untouched
+    vec_env = VecNormalize(make_vec_env(lambda: NoisyChain(length=50), n_envs=1, seed=0), gamma=0.9)
+    vec_env.reset()
+    for _ in range(20):
+        vec_env.step(np.array([0]))
+    dummy, vec_normalize = branchable_envs(vec_env)
+    assert vec_normalize is vec_env
+    statistics = copy.deepcopy((vec_env.obs_rms, vec_env.ret_rms, vec_env.returns))
+    policy = StepCountValue(dummy.observation_space, dummy.action_space, lambda _: 1e-3, net_arch=[8])
+    replay = copy.deepcopy(dummy.envs[0].unwrapped)
+    envs = BranchEnvPool().restored(dummy, [(0, snapshot_env(dummy.envs[0]))], 2)
+    q_values = branch_rollouts(policy, envs, th.tensor([0, 1]), 2, 4, 0.9, vec_env, th.Generator()).q_values
+    steps = [replay.step(0) for _ in range(4)]
+    expected = sum(0.9**h * vec_env.normalize_reward(np.array([step[1]]))[0] for h, step in enumerate(steps))
+    expected += 0.9**4 * vec_env.normalize_obs(steps[-1][0][None])[0, 0]
+    assert q_values[0, 0].item() == pytest.approx(expected, rel=1e-5)
+    after = (vec_env.obs_rms, vec_env.ret_rms, vec_env.returns)
+    assert after[0].mean.tolist() == statistics[0].mean.tolist() and after[0].count == statistics[0].count
+    assert after[1].var.tolist() == statistics[1].var.tolist() and after[2].tolist() == statistics[2].tolist()
+
+
+# --- TRPO(sampling="vine") -----------------------------------------------------------------------------------------
+
+
+def vine_trpo(env: Any, **kwargs: Any) -> TRPO:
+    settings: dict[str, Any] = dict(n_steps=64, batch_size=64, vine_n_states=8, vine_horizon=20, seed=0)
+    settings.update(kwargs)
+    return TRPO("MlpPolicy", env, sampling="vine", **settings)
+
+
+def test_vine_trunk_is_the_single_path_rollout() -> None:
+    # The rollout set is drawn from NumPy's generator and the branches run after the rollout: the trunk is unchanged
+    buffers = []
+    for sampling in ("single_path", "vine"):
+        model = TRPO(
+            "MlpPolicy",
+            make_vec_env("CartPole-v1", n_envs=2, seed=0),
+            n_steps=64,
+            batch_size=64,
+            seed=0,
+            sampling=sampling,
+            vine_n_states=8,
+        )
+        model.learn(128)
+        buffers.append(model.rollout_buffer)
+    for name in ("observations", "actions", "rewards", "episode_starts", "log_probs", "values"):
+        np.testing.assert_array_equal(getattr(buffers[0], name), getattr(buffers[1], name))
+
+
+def test_vine_update_and_monitor() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = vine_trpo(env)
+    model.learn(256)
+    # The branches' steps are not the training run's: num_timesteps and the Monitors count the trunk only
+    assert model.num_timesteps == 256
+    assert sum(monitor.get_total_steps() for monitor in env.envs) == 256  # type: ignore[attr-defined]
+    assert model._vine_batch is not None
+    assert model._vine_batch.q_values.shape == (8, 2)  # Discrete(2) ≤ K = 4: every action once (Eq. 32)
+
+
+@pytest.mark.parametrize(
+    "env_id",
+    [lambda: NoisyChain(n_actions=7), "Pendulum-v1"],
+    ids=["Discrete(7)", "Box"],
+)
+@pytest.mark.filterwarnings("ignore:.*policy update skipped:RuntimeWarning")
+def test_vine_draws_k_actions_from_the_policy(env_id: Any) -> None:
+    model = vine_trpo(make_vec_env(env_id, n_envs=1, seed=0), vine_n_actions=3)
+    model.learn(64)
+    assert model._vine_batch is not None
+    assert model._vine_batch.q_values.shape == (8, 3)
+    # K independent draws per state, not one action repeated
+    actions = model._vine_batch.actions.view(8, 3, -1)
+    assert any(len({tuple(action.tolist()) for action in state_actions}) > 1 for state_actions in actions)
+
+
+def test_vine_refusals() -> None:
+    cartpole = make_vec_env("CartPole-v1", n_envs=1)
+    with pytest.raises(ValueError, match="`sampling` must be 'single_path' or 'vine'"):
+        TRPO("MlpPolicy", cartpole, sampling="tree")
+    with pytest.raises(ValueError, match="vine_n_actions"):
+        vine_trpo(cartpole, vine_n_actions=1)
+    with pytest.raises(ValueError, match="vine_n_states` \\(65\\) exceeds the rollout size"):
+        vine_trpo(cartpole, vine_n_states=65)
+    with pytest.raises(ValueError, match="gSDE"):
+        vine_trpo(make_vec_env("Pendulum-v1", n_envs=1), use_sde=True)
+    with pytest.raises(ValueError, match="not SubprocVecEnv"):
+        vine_trpo(make_vec_env("CartPole-v1", n_envs=2, vec_env_cls=SubprocVecEnv))
+    with pytest.raises(ValueError, match="not VecFrameStack"):
+        vine_trpo(VecFrameStack(make_vec_env("CartPole-v1", n_envs=1), 2))
+    with pytest.raises(TypeError, match="LunarLander"):
+        vine_trpo(make_vec_env("LunarLander-v3", n_envs=1))
+    # Single-path sampling takes them all
+    TRPO("MlpPolicy", make_vec_env("LunarLander-v3", n_envs=1), n_steps=64, batch_size=64)
+
+
+def test_vine_branches_from_a_new_environment() -> None:
+    # set_env: the branch environments are made from the new environment (here one without any wrapper)
+    model = vine_trpo(make_vec_env("CartPole-v1", n_envs=1, seed=0))
+    model.learn(64)
+    model.set_env(DummyVecEnv([lambda: gym.make("CartPole-v1").unwrapped]))
+    model.learn(64)
+    assert model._vine_batch is not None
+
+
+def test_vine_save_and_load(tmp_path: Any) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    model = vine_trpo(env, vine_n_actions=3, vine_horizon=7)
+    model.learn(64)
+    model.save(tmp_path / "vine")
+    loaded = TRPO.load(tmp_path / "vine", env=env)
+    assert (loaded.sampling, loaded.vine_n_states, loaded.vine_n_actions, loaded.vine_horizon) == ("vine", 8, 3, 7)
+    assert loaded._vine_batch is None and isinstance(loaded._vine_pool, BranchEnvPool)
+    loaded.learn(64)
+    assert loaded._vine_batch is not None

@@ -159,10 +159,8 @@ def make_branch_env(env: gym.Env) -> gym.Env:
     :param env: an environment of a ``DummyVecEnv``, with its wrappers
     :return: the branch environment (in no particular state until a snapshot is restored into it)
     """
+    # A Monitor's copy is its inner environment's: the wrapper above it (if any) gets that in its place
     monitors = {id(wrapper): copy.deepcopy(wrapper.env) for wrapper in wrapper_chain(env) if isinstance(wrapper, Monitor)}
-    if isinstance(env, Monitor):
-        return monitors[id(env)]
-    # The wrapper above a Monitor gets the copy of the Monitor's inner environment in its place
     return copy.deepcopy(env, memo=dict(monitors))
 
 

@@ -173,7 +173,7 @@ def branch_rollouts(
     actions = first_actions
     env_steps = 0
     for step in range(horizon):
-        step_actions = env_actions(actions.cpu().numpy(), policy)
+        step_actions = env_actions(actions.detach().cpu().numpy(), policy)
         observations = []
         for index in np.flatnonzero(alive):
             obs, reward, terminated, truncated, _ = envs[index].step(step_actions[index])

@@ -3,6 +3,7 @@
 import math
 from typing import Any, ClassVar
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
@@ -227,7 +228,9 @@ class TRPO(NaturalGradientAlgorithm):
         self._vine_schedule, self._vine_snapshots, self._vine_batch = {}, {}, None
         if self.sampling != "vine":
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        chosen = th.randperm(n_rollout_steps * env.num_envs)[: self.vine_n_states].tolist()
+        # From NumPy's generator (seeded by SB3 as torch's is): the rollout draws its actions from torch's, so the
+        # trunk is the rollout single-path sampling would have collected
+        chosen = np.random.choice(n_rollout_steps * env.num_envs, self.vine_n_states, replace=False).tolist()
         for step, env_index in sorted(divmod(index, env.num_envs) for index in chosen):
             self._vine_schedule.setdefault(step, []).append(env_index)
         complete = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
