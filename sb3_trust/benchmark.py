@@ -146,6 +146,8 @@ _ACKTR_NOTE = (
     "absurd for RMSprop, so A2C keeps its own default 7e-4 unless `--peer-hyperparams learning_rate=...` is given; "
     f"the K-FAC keys ({', '.join(f'`{key}`' for key in _ACKTR_ONLY[1:])}) go to ACKTR only."
 )
+# Arguments that sb3-contrib's TRPO does not have: the conjugate gradient's stopping tolerance, and vine sampling's
+_TRPO_ONLY = ("cg_tolerance", "sampling", "vine_n_states", "vine_n_actions", "vine_horizon")
 # Return thresholds of the sample-efficiency measure: gymnasium's registered `reward_threshold` of these tasks
 DEFAULT_THRESHOLDS: dict[str, float] = {"CartPole-v1": 475.0, "LunarLander-v3": 200.0}
 
@@ -177,8 +179,8 @@ class Pair(NamedTuple):
 
 
 PAIRS: dict[str, Pair] = {
-    "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE, per_dimension=_PER_DIMENSION_KEYS),
-    "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE, per_dimension=_PER_DIMENSION_KEYS),
+    "trpo": Pair("sb3_trust.TRPO", "sb3_contrib.TRPO", "trpo.yml", _KL_NOTE, _TRPO_ONLY, per_dimension=_PER_DIMENSION_KEYS),
+    "npg": Pair("sb3_trust.NPG", "sb3_contrib.TRPO", "npg.yml", _KL_NOTE, _TRPO_ONLY[:1], per_dimension=_PER_DIMENSION_KEYS),
     "ppokl": Pair("sb3_trust.PPOKL", "stable_baselines3.PPO", "ppokl.yml", _PPOKL_NOTE, _PPOKL_ONLY),
     "acktr": Pair("sb3_trust.ACKTR", "stable_baselines3.A2C", "acktr.yml", _ACKTR_NOTE, _ACKTR_ONLY, _A2C_SHARED),
 }

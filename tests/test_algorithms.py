@@ -303,7 +303,10 @@ def test_trpo_signature_is_sb3_contribs() -> None:
     sb3_contrib = pytest.importorskip("sb3_contrib")
     peer_parameters = list(inspect.signature(sb3_contrib.TRPO.__init__).parameters)
     ours = list(inspect.signature(TRPO.__init__).parameters)
-    assert [name for name in ours if name != "cg_tolerance"] == peer_parameters
+    # Ours adds cg_tolerance and vine sampling's arguments before _init_setup_model
+    added = ("cg_tolerance", "sampling", "vine_n_states", "vine_n_actions", "vine_horizon")
+    assert [name for name in ours if name not in added] == peer_parameters
+    assert ours[-len(added) - 1 :] == [*added, "_init_setup_model"]
     for name in peer_parameters[3:-1]:
         assert (
             inspect.signature(TRPO.__init__).parameters[name].default

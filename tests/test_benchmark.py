@@ -90,6 +90,17 @@ def test_peer_gets_the_trust_region_in_its_per_dimension_convention() -> None:
     assert (setting.peer_kwargs["target_kl"], setting.peer_kwargs["cg_damping"]) == (0.5, 0.1)
 
 
+def test_vine_sampling_and_cg_tolerance_go_to_ours_only() -> None:
+    # sb3-contrib's TRPO has neither: the peer keeps its single-path sampling and its own CG tolerance
+    overrides = {"sampling": "vine", "vine_n_states": 16, "vine_n_actions": 3, "vine_horizon": 50, "cg_tolerance": 1e-8}
+    for algo in ("trpo", "npg"):
+        setting = benchmark.make_setting(benchmark.PAIRS[algo], "CartPole-v1", {"cg_tolerance": 1e-8}, {}, None)
+        assert setting.kwargs["cg_tolerance"] == 1e-8 and "cg_tolerance" not in setting.peer_kwargs
+    setting = benchmark.make_setting(benchmark.PAIRS["trpo"], "CartPole-v1", overrides, {}, None)
+    assert {key: setting.kwargs[key] for key in overrides} == overrides
+    assert not set(overrides) & set(setting.peer_kwargs)
+
+
 def _run(output: Path, *extra: str) -> int:
     common = ["--algo", "trpo", "--env", "CartPole-v1", "--seeds", "0", "--timesteps", "1024", "--jobs", "1"]
     return benchmark.main([*common, "--eval-episodes", "2", "--output", str(output), *extra])
