@@ -441,6 +441,45 @@ def test_vine_draws_k_actions_from_the_policy(env_id: Any) -> None:
     assert any(len({tuple(action.tolist()) for action in state_actions}) > 1 for state_actions in actions)
 
 
+class SpacesEnv(gym.Env):
+    """Plain-Python environment with the given action space and a Box or Dict observation; reward from the action."""
+
+    def __init__(self, action_space: gym.spaces.Space, dict_observation: bool = False) -> None:
+        box = gym.spaces.Box(-1, 1, (3,))
+        self.observation_space = gym.spaces.Dict({"a": box, "b": box}) if dict_observation else box
+        self.action_space = action_space
+        self.t = 0
+
+    def _obs(self) -> Any:
+        obs = self.np_random.uniform(-1, 1, 3).astype(np.float32)
+        return {"a": obs, "b": -obs} if isinstance(self.observation_space, gym.spaces.Dict) else obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        self.t += 1
+        return self._obs(), float(np.sum(action)), False, self.t >= 30, {}
+
+
+@pytest.mark.parametrize(
+    ("action_space", "dict_observation"),
+    [(gym.spaces.MultiDiscrete([3, 4]), False), (gym.spaces.MultiBinary(3), False), (gym.spaces.Discrete(3), True)],
+    ids=["MultiDiscrete", "MultiBinary", "Dict-observations"],
+)
+def test_vine_updates_the_policy_with_other_spaces(action_space: gym.spaces.Space, dict_observation: bool) -> None:
+    env = make_vec_env(lambda: SpacesEnv(action_space, dict_observation), n_envs=2, seed=0)
+    policy = "MultiInputPolicy" if dict_observation else "MlpPolicy"
+    model = TRPO(policy, env, sampling="vine", n_steps=32, batch_size=64, vine_n_states=8, vine_horizon=5, seed=0)
+    before = [param.clone() for param in model.policy.action_net.parameters()]
+    model.learn(64)
+    assert model._vine_batch is not None and model._vine_batch.q_values.shape == (8, 3 if dict_observation else 4)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+    assert any(not th.equal(old, new) for old, new in zip(before, model.policy.action_net.parameters(), strict=True))
+
+
 def test_vine_refusals() -> None:
     cartpole = make_vec_env("CartPole-v1", n_envs=1)
     with pytest.raises(ValueError, match="`sampling` must be 'single_path' or 'vine'"):

@@ -96,13 +96,13 @@ class ImportanceSampledSurrogate(Surrogate):
 class VineSurrogate(Surrogate):
     """
     The vine surrogate of TRPO (Schulman et al., 2015, Sec. 5.2; seed 004, Eqs. 32-33). At each state s_n of the
-    rollout set, K actions a_{n,k} were drawn from a proposal q(·|s_n) and each was followed by a rollout that
+    rollout set, K actions a_{n,k} were drawn from a proposal ``q(·|s_n)`` and each was followed by a rollout that
     estimates Q(s_n, a_{n,k}). The self-normalized importance-sampling estimate at one state is
 
-        L_n(θ) = Σ_k w_{n,k} Q_{n,k} / Σ_k w_{n,k},   w_{n,k} = π_θ(a_{n,k}|s_n) / q(a_{n,k}|s_n),
+    ``L_n(θ) = Σ_k w_{n,k} Q_{n,k} / Σ_k w_{n,k}``,  ``w_{n,k} = π_θ(a_{n,k}|s_n) / q(a_{n,k}|s_n)``,
 
     and L(θ) = mean_n L_n(θ). With every action of a finite action space taken once (q uniform), this is Eq. 32,
-    Σ_a π_θ(a|s_n) Q(s_n, a), exactly. Adding a constant to the Q-values of one state adds it to L_n, so they are
+    ``Σ_a π_θ(a|s_n) Q(s_n, a)``, exactly. Adding a constant to the Q-values of one state adds it to L_n, so they are
     centred per state (which changes no gradient) and, with ``normalize_scale``, divided by their standard
     deviation over the batch, as the single-path advantages are.
 
@@ -114,7 +114,7 @@ class VineSurrogate(Surrogate):
     :param states: the rollout set's N states
     :param actions: the N·K branch actions, as ``distribution.log_prob`` takes them, state-major (a_{1,1}, a_{1,2}, …)
     :param q_values: Q(s_n, a_{n,k}), shape (N, K)
-    :param proposal_log_prob: log q(a_{n,k}|s_n), shape (N, K)
+    :param proposal_log_prob: ``log q(a_{n,k}|s_n)``, shape (N, K)
     :param normalize_scale: divide the centred Q-values by their standard deviation over the batch
     """
 

@@ -102,7 +102,7 @@ class VineBatch:
 
     :param states: the N states, as the policy takes them
     :param actions: the N·K first actions, state-major, as the policy's distribution draws them
-    :param proposal_log_prob: log q(a_{n,k}|s_n), shape (N, K)
+    :param proposal_log_prob: ``log q(a_{n,k}|s_n)``, shape (N, K)
     :param q_values: the estimates of Q(s_n, a_{n,k}), shape (N, K)
     """
 

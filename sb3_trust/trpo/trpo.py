@@ -37,7 +37,8 @@ class TRPO(NaturalGradientAlgorithm):
     from the trust region's edge sqrt(2δ / sᵀFs) · s on the true surrogate and the true mean KL
     (Schulman et al., 2015, Sec. 6 and App. C), F damped to F + λI (``cg_damping``) in both, as in sb3-contrib.
     A step is kept only if the surrogate improves and the mean KL(π_old ‖ π_new) on the rollout is at most δ;
-    otherwise the old parameters stay.
+    otherwise the old parameters stay. The surrogate's samples are the rollout's (single path) or, with
+    ``sampling="vine"``, Q-values of branch rollouts from saved environment states (Sec. 5.2 of the paper).
 
     Paper: https://arxiv.org/abs/1502.05477
 
