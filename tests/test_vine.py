@@ -16,7 +16,6 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFrameStack, VecNormalize
 
 from sb3_trust import TRPO
-
 from sb3_trust.common.distributions import detach_distribution, mean_kl, sample_with_common_noise, torch_distributions
 from sb3_trust.common.fisher import flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.policies import split_actor_critic_parameters
