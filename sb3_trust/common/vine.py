@@ -168,46 +168,38 @@ def branch_rollouts(
     returns = np.zeros(n_branches)
     discount = np.ones(n_branches)
     alive = np.ones(n_branches, dtype=bool)
-    # Branches that end by truncation or at the horizon: their last observation, to bootstrap from
+    # Branches cut by the time limit or the horizon, completed by the value of their last observation
+    bootstrap = np.zeros(n_branches, dtype=bool)
     last_observations: list = [None] * n_branches
     actions = first_actions
     env_steps = 0
     for step in range(horizon):
         step_actions = env_actions(actions.detach().cpu().numpy(), policy)
-        observations = []
         for index in np.flatnonzero(alive):
             obs, reward, terminated, truncated, _ = envs[index].step(step_actions[index])
             env_steps += 1
+            last_observations[index] = obs
             if vec_normalize is not None:
                 reward = vec_normalize.normalize_reward(np.array([reward]))[0]
             returns[index] += discount[index] * float(reward)
             discount[index] *= gamma
-            if terminated:
+            if terminated or truncated or step == horizon - 1:
                 alive[index] = False
-            elif truncated or step == horizon - 1:
-                alive[index] = False
-                last_observations[index] = obs
-            else:
-                observations.append(obs)
-        if step == horizon - 1 or not alive.any():
+                bootstrap[index] = not terminated
+        if not alive.any():
             break
-        # Every branch keeps its place in the batch, so that the K branches of a state stay one group of the noise;
-        # the rows of branches that ended are filled with a live one's observation and ignored
-        batch = [None] * n_branches
-        for index, obs in zip(np.flatnonzero(alive), observations, strict=True):
-            batch[index] = obs
-        filler = observations[0]
-        obs_tensor = _policy_input([filler if obs is None else obs for obs in batch], vec_normalize, policy)
+        # Every branch keeps its row, so that the K branches of a state stay one group of the noise: the rows of the
+        # branches that ended hold their last observation and their actions are not used
         with th.no_grad():
-            distribution = policy.get_distribution(obs_tensor)
+            distribution = policy.get_distribution(_policy_input(last_observations, vec_normalize, policy))
             actions = sample_with_common_noise(distribution, n_actions, generator)
 
-    bootstrap = [index for index, obs in enumerate(last_observations) if obs is not None]
-    if bootstrap:
-        obs_tensor = _policy_input([last_observations[index] for index in bootstrap], vec_normalize, policy)
+    if bootstrap.any():
+        indices = np.flatnonzero(bootstrap)
+        obs_tensor = _policy_input([last_observations[index] for index in indices], vec_normalize, policy)
         with th.no_grad():
             values = policy.predict_values(obs_tensor).flatten().cpu().numpy()
-        returns[bootstrap] += discount[bootstrap] * values
+        returns[indices] += discount[indices] * values
     q_values = th.as_tensor(returns, dtype=th.float32, device=policy.device).view(n_branches // n_actions, n_actions)
     return BranchResult(q_values, env_steps)
 
