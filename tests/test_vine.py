@@ -499,6 +499,16 @@ def test_vine_refusals() -> None:
     TRPO("MlpPolicy", make_vec_env("LunarLander-v3", n_envs=1), n_steps=64, batch_size=64)
 
 
+def test_vine_with_vec_normalize_updates_its_statistics_with_the_trunk_only() -> None:
+    env = VecNormalize(make_vec_env("HalfCheetah-v5", n_envs=2, seed=0))
+    model = vine_trpo(env, n_steps=32, vine_horizon=10)
+    model.learn(128, log_interval=None)  # no dump: the logger keeps the last values
+    assert model.logger.name_to_value["rollout/vine_env_steps"] == 8 * 4 * 10
+    # The reset's observations and the trunk's steps, not the branches' 320 steps per update
+    assert env.obs_rms.count == pytest.approx(2 + 128 + 1e-4)
+    assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
+
+
 def test_vine_branches_from_a_new_environment() -> None:
     # set_env: the branch environments are made from the new environment (here one without any wrapper)
     model = vine_trpo(make_vec_env("CartPole-v1", n_envs=1, seed=0))
