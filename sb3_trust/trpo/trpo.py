@@ -218,13 +218,11 @@ class TRPO(NaturalGradientAlgorithm):
         SB3's rollout. With vine sampling, the rollout set is drawn first, its states are saved as the rollout
         passes them, and once the rollout is complete the branches estimate the Q-values of the update.
 
-        :param env: The training environment
-        :param callback: Callback that will be called at each step
-            (and at the beginning and end of the rollout)
-        :param rollout_buffer: Buffer to fill with rollouts
-        :param n_rollout_steps: Number of experiences to collect per environment
-        :return: True if function returned with at least `n_rollout_steps`
-            collected, False if callback terminated rollout prematurely.
+        :param env: the training environment
+        :param callback: called at every step, and at the start and the end of the rollout, as in SB3
+        :param rollout_buffer: the buffer to fill
+        :param n_rollout_steps: the number of steps to collect per environment
+        :return: whether the rollout is complete (False when a callback stopped it)
         """
         self._vine_schedule, self._vine_snapshots, self._vine_batch = {}, {}, None
         if self.sampling != "vine":
