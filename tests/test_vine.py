@@ -2,6 +2,7 @@
 
 import copy
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from gymnasium.utils import EzPickle
+from gymnasium.wrappers import RecordVideo
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -19,9 +22,9 @@ from sb3_trust import TRPO
 from sb3_trust.common.distributions import detach_distribution, mean_kl, sample_with_common_noise, torch_distributions
 from sb3_trust.common.fisher import flat_gradient, flat_parameters, set_flat_parameters
 from sb3_trust.common.policies import split_actor_critic_parameters
-from sb3_trust.common.snapshots import make_branch_env, restore_env, snapshot_env, wrapper_chain
+from sb3_trust.common.snapshots import SnapshotError, make_branch_env, restore_env, snapshot_env, wrapper_chain
 from sb3_trust.common.surrogate import VineSurrogate
-from sb3_trust.common.vine import BranchEnvPool, branch_rollouts, branchable_envs
+from sb3_trust.common.vine import BranchEnvPool, VecEnvTransforms, branch_rollouts, branchable_envs
 from tests.test_fisher import tiny_policy
 
 
@@ -178,6 +181,8 @@ def test_common_noise_refusals() -> None:
         sample_with_common_noise(tiny_policy("gaussian").get_distribution(th.randn(5, 3)), 2)
 
 
+NO_TRANSFORMS = VecEnvTransforms([])
+
 # --- Environment snapshots and branch rollouts ---------------------------------------------------------------------
 
 
@@ -222,6 +227,26 @@ def steps_until_done(env: gym.Env, actions: list) -> list[tuple[Any, float, bool
         if terminated or truncated:
             break
     return steps
+
+
+class LazyCounter(NoisyChain):
+    """Creates an attribute at its first step: a restore must remove it from a branch that has stepped."""
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.calls = getattr(self, "calls", 0) + 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward + self.calls, terminated, truncated, info
+
+
+def test_restore_removes_the_attributes_a_branch_created() -> None:
+    vec_env = stepped_vec_env(LazyCounter, n_steps=0)
+    trunk = vec_env.envs[0]
+    saved = snapshot_env(trunk)  # before the first step: no `calls` yet
+    branch = make_branch_env(trunk)
+    for _ in range(2):
+        restore_env(branch, saved)
+        rewards = [branch.step(0)[1] for _ in range(3)]
+    assert rewards == [trunk.step(0)[1] for _ in range(3)]
 
 
 def short_time_limit() -> gym.Env:
@@ -273,9 +298,94 @@ def test_branch_replays_an_atari_trunk_with_sticky_actions() -> None:
     np.testing.assert_array_equal(np.stack([s[0] for s in branch_steps]), np.stack([s[0] for s in trunk_steps]))
 
 
+class GoalCheetah(HalfCheetahEnv):
+    """A MuJoCo task whose goal speed, drawn at reset, lives in a Python attribute."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # (EzPickle rebuilds it with HalfCheetahEnv's arguments)
+        super().__init__(*args, **kwargs)
+        self.target = 0.0
+
+    def reset_model(self) -> np.ndarray:
+        self.target = float(self.np_random.uniform(-3, 3))
+        return super().reset_model()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, -abs(info["x_velocity"] - self.target), terminated, truncated, info
+
+
+def heavy_cheetah() -> gym.Env:
+    # The model changed after construction: a branch environment built from the constructor's arguments would not have it
+    env = gym.make("HalfCheetah-v5")
+    env.unwrapped.model.body_mass[:] *= 2  # type: ignore[attr-defined]
+    return env
+
+
+class PoleAngleBonus(gym.Wrapper):
+    """A wrapper that keeps a reference into its chain (a common pattern for reward shaping)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.core = env.unwrapped
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, float(reward) - abs(self.core.state[2]), terminated, truncated, info  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "env_id",
+    [GoalCheetah, heavy_cheetah, lambda: PoleAngleBonus(gym.make("CartPole-v1"))],
+    ids=["attribute-of-a-MuJoCo-env", "changed-MuJoCo-model", "wrapper-referring-to-its-env"],
+)
+def test_branch_replays_what_more_than_the_simulator_holds(env_id: Any) -> None:
+    test_branch_replays_the_trunk_exactly(env_id)
+
+
+def test_branch_environments_leave_out_recording_and_rendering(tmp_path: Any) -> None:
+    env = Monitor(RecordVideo(gym.make("CartPole-v1", render_mode="rgb_array"), str(tmp_path), episode_trigger=lambda _: True))
+    env.reset(seed=0)
+    branch = make_branch_env(env)
+    assert [type(layer) for layer in wrapper_chain(branch)] == [type(layer) for layer in wrapper_chain(env)[2:]]
+    assert branch.unwrapped.render_mode is None and env.unwrapped.render_mode == "rgb_array"
+    restore_env(branch, snapshot_env(env))
+    for _ in range(5):
+        branch.step(0)
+    env.close()
+    assert len(list(tmp_path.iterdir())) <= 1  # the trunk's own video only
+
+
+class CheetahTask(gym.Env):
+    """A task built around another environment (composition, no wrapper): its copy would be a new environment."""
+
+    def __init__(self) -> None:
+        self.inner = gym.make("HalfCheetah-v5")
+        self.observation_space, self.action_space = self.inner.observation_space, self.inner.action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        return self.inner.reset(seed=seed)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        return self.inner.step(action)  # type: ignore[return-value]
+
+
+class LockedEnv(NoisyChain):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
 def test_snapshot_refusals() -> None:
-    with pytest.raises(TypeError, match="Cannot save the state of LunarLander"):
+    with pytest.raises(SnapshotError, match="Cannot save the state of LunarLander"):
         snapshot_env(gym.make("LunarLander-v3"))
+    with pytest.raises(TypeError, match=r"CheetahTask\.inner holds an environment"):
+        snapshot_env(CheetahTask())
+    # At construction, not after the first rollout
+    with pytest.raises(TypeError, match=r"CheetahTask\.inner holds an environment"):
+        vine_trpo(make_vec_env(CheetahTask, n_envs=1))
+    with pytest.raises(TypeError, match=r"cannot save, copy and restore the state of .*LockedEnv.*cannot pickle"):
+        vine_trpo(make_vec_env(LockedEnv, n_envs=1))
 
 
 class UserStateEnv(NoisyChain, EzPickle):
@@ -316,7 +426,9 @@ def test_common_random_numbers_give_equal_q_for_equal_actions(env_id: Any) -> No
     n_actions = 4
     first = policy.get_distribution(th.zeros(1, *vec_env.observation_space.shape)).sample()
     envs = BranchEnvPool().restored(vec_env, saved, n_actions)
-    result = branch_rollouts(policy, envs, first.repeat_interleave(n_actions, dim=0), n_actions, 30, 0.9, None, th.Generator())
+    result = branch_rollouts(
+        policy, envs, first.repeat_interleave(n_actions, dim=0), n_actions, 30, 0.9, NO_TRANSFORMS, th.Generator()
+    )
     assert result.q_values.shape == (1, n_actions)
     assert th.all(result.q_values == result.q_values[0, 0])
     assert result.env_steps == 30 * n_actions
@@ -324,7 +436,7 @@ def test_common_random_numbers_give_equal_q_for_equal_actions(env_id: Any) -> No
         # Without shared policy noise (groups of one), they differ
         envs = BranchEnvPool().restored(vec_env, saved, n_actions)
         independent = branch_rollouts(
-            policy, envs, first.repeat_interleave(n_actions, dim=0), 1, 30, 0.9, None, th.Generator()
+            policy, envs, first.repeat_interleave(n_actions, dim=0), 1, 30, 0.9, NO_TRANSFORMS, th.Generator()
         ).q_values.flatten()
         assert len(set(independent.tolist())) == n_actions
 
@@ -351,7 +463,7 @@ def test_branch_q_values(length: int, time_limit: int | None, horizon: int, expe
     replay.reset()
     policy = ConstantValue(vec_env.observation_space, vec_env.action_space, lambda _: 1e-3, net_arch=[8])
     envs = BranchEnvPool().restored(vec_env, [(0, snapshot_env(vec_env.envs[0]))], 2)
-    q_values = branch_rollouts(policy, envs, th.tensor([0, 1]), 2, horizon, 0.9, None, th.Generator()).q_values
+    q_values = branch_rollouts(policy, envs, th.tensor([0, 1]), 2, horizon, 0.9, NO_TRANSFORMS, th.Generator()).q_values
     rewards = [replay.envs[0].step(0)[1] for _ in range(expected_steps)]
     expected = sum(0.9**h * reward for h, reward in enumerate(rewards)) + (0.9**expected_steps * 10.0 if bootstrap else 0.0)
     assert q_values.flatten().tolist() == pytest.approx([expected, expected], rel=1e-6)
@@ -369,13 +481,13 @@ def test_branch_rewards_and_observations_normalized_with_frozen_statistics() -> 
     vec_env.reset()
     for _ in range(20):
         vec_env.step(np.array([0]))
-    dummy, vec_normalize = branchable_envs(vec_env)
-    assert vec_normalize is vec_env
+    dummy, transforms = branchable_envs(vec_env)
+    assert transforms.vec_normalize is vec_env
     statistics = copy.deepcopy((vec_env.obs_rms, vec_env.ret_rms, vec_env.returns))
     policy = StepCountValue(dummy.observation_space, dummy.action_space, lambda _: 1e-3, net_arch=[8])
     replay = copy.deepcopy(dummy.envs[0].unwrapped)
     envs = BranchEnvPool().restored(dummy, [(0, snapshot_env(dummy.envs[0]))], 2)
-    q_values = branch_rollouts(policy, envs, th.tensor([0, 1]), 2, 4, 0.9, vec_env, th.Generator()).q_values
+    q_values = branch_rollouts(policy, envs, th.tensor([0, 1]), 2, 4, 0.9, transforms, th.Generator()).q_values
     steps = [replay.step(0) for _ in range(4)]
     expected = sum(0.9**h * vec_env.normalize_reward(np.array([step[1]]))[0] for h, step in enumerate(steps))
     expected += 0.9**4 * vec_env.normalize_obs(steps[-1][0][None])[0, 0]

@@ -10,55 +10,94 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import obs_as_tensor
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper, VecMonitor, VecNormalize, VecTransposeImage
 
 from sb3_trust.common.distributions import sample_with_common_noise
 from sb3_trust.common.on_policy import env_actions
-from sb3_trust.common.snapshots import EnvSnapshot, make_branch_env, restore_env, state_handler
+from sb3_trust.common.snapshots import EnvSnapshot, check_snapshots, make_branch_env, restore_env
 
-# The VecEnv wrappers a vine rollout can see through: statistics only (VecMonitor), or a transformation of
-# observations and rewards that is applied to the branches with frozen statistics (VecNormalize)
-TRANSPARENT_VEC_WRAPPERS = (VecMonitor, VecNormalize)
+# The VecEnv wrappers a vine rollout can see through: statistics only (VecMonitor), or transformations of observations
+# and rewards without state of their own, applied to the branches as they are (VecTransposeImage) or with frozen
+# statistics (VecNormalize)
+TRANSPARENT_VEC_WRAPPERS = (VecMonitor, VecNormalize, VecTransposeImage)
 
 
-def branchable_envs(env: VecEnv) -> tuple[DummyVecEnv, VecNormalize | None]:
+@dataclass
+class VecEnvTransforms:
+    """
+    What the training environment's VecEnv wrappers do to observations and rewards, done to the branches' without
+    updating any statistics.
+
+    :param layers: the transforming wrappers (``VecTransposeImage``, ``VecNormalize``), innermost first
+    """
+
+    layers: list[VecEnvWrapper]
+
+    @property
+    def vec_normalize(self) -> VecNormalize | None:
+        """The ``VecNormalize`` among them, if any."""
+        return next((layer for layer in self.layers if isinstance(layer, VecNormalize)), None)
+
+    def observations(self, batch: np.ndarray | dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+        """
+        :param batch: observations as the environments return them
+        :return: as the policy sees them
+        """
+        for layer in self.layers:
+            if isinstance(layer, VecTransposeImage):
+                batch = layer.transpose_observations(batch)
+            elif isinstance(layer, VecNormalize):
+                batch = layer.normalize_obs(batch)
+        return batch
+
+    def reward(self, reward: float) -> float:
+        """
+        :param reward: a reward as an environment returns it
+        :return: as the critic learns it
+        """
+        for layer in self.layers:
+            if isinstance(layer, VecNormalize):
+                reward = float(layer.normalize_reward(np.array([reward]))[0])
+        return reward
+
+
+def branchable_envs(env: VecEnv) -> tuple[DummyVecEnv, VecEnvTransforms]:
     """
     The ``DummyVecEnv`` whose environments vine sampling copies, below the training environment's wrappers.
 
     :param env: the training environment
-    :return: the ``DummyVecEnv`` and the ``VecNormalize`` on top of it, if any
-    :raises ValueError: for environments in other processes (``SubprocVecEnv``) and for wrappers that change
-        observations in ways the branches could not reproduce (frame stacking, image transposition)
+    :return: the ``DummyVecEnv``, and what the wrappers above it do to observations and rewards
+    :raises ValueError: for environments in other processes (``SubprocVecEnv``) and for wrappers with state of their
+        own that the branches could not reproduce (frame stacking)
     """
-    vec_normalize = None
+    layers: list[VecEnvWrapper] = []
     layer = env
     while isinstance(layer, TRANSPARENT_VEC_WRAPPERS):
-        if isinstance(layer, VecNormalize):
-            if vec_normalize is not None:
-                raise ValueError("Vine sampling supports one VecNormalize, not several")
-            vec_normalize = layer
+        if isinstance(layer, (VecNormalize, VecTransposeImage)):
+            layers.insert(0, layer)
         layer = layer.venv
     if not isinstance(layer, DummyVecEnv):
         raise ValueError(
-            f"Vine sampling branches rollouts from copies of the environments' states, so it needs them in this "
-            f"process: a DummyVecEnv (optionally inside VecNormalize or VecMonitor), not {type(layer).__name__}"
+            f"Vine sampling supports a DummyVecEnv, optionally inside VecNormalize, VecTransposeImage or VecMonitor "
+            f"(it branches from copies of the environments' states, which must be in this process, and reproduces "
+            f"these wrappers' transformations), not {type(layer).__name__}"
         )
-    return layer, vec_normalize
+    return layer, VecEnvTransforms(layers)
 
 
-def check_vine_env(env: VecEnv) -> tuple[DummyVecEnv, VecNormalize | None]:
+def check_vine_env(env: VecEnv) -> None:
     """
-    Check that vine sampling can branch from the training environment's states.
+    Check that vine sampling can branch from the training environment's states: its wrappers, and a save, copy and
+    restore of each of its environments.
 
     :param env: the training environment
-    :return: its ``DummyVecEnv`` and ``VecNormalize`` (:func:`branchable_envs`)
     :raises ValueError: for the environments :func:`branchable_envs` refuses
-    :raises TypeError: for an environment whose state cannot be saved (:func:`~sb3_trust.common.snapshots.state_handler`)
+    :raises SnapshotError: for an environment whose state cannot be saved, copied or restored
+        (:func:`~sb3_trust.common.snapshots.check_snapshots`)
     """
-    vec_env, vec_normalize = branchable_envs(env)
+    vec_env, _ = branchable_envs(env)
     for sub_env in vec_env.envs:
-        state_handler(sub_env.unwrapped)
-    return vec_env, vec_normalize
+        check_snapshots(sub_env)
 
 
 class BranchEnvPool:
@@ -142,7 +181,7 @@ def branch_rollouts(
     n_actions: int,
     horizon: int,
     gamma: float,
-    vec_normalize: VecNormalize | None,
+    transforms: VecEnvTransforms,
     generator: th.Generator,
 ) -> BranchResult:
     """
@@ -159,8 +198,8 @@ def branch_rollouts(
     :param n_actions: K
     :param horizon: H, the most steps a branch takes (its first action included)
     :param gamma: the discount factor
-    :param vec_normalize: the training environment's ``VecNormalize``, whose statistics normalize the branches'
-        observations and rewards (they are not updated); None without one
+    :param transforms: what the training environment's wrappers do to observations and rewards (``VecNormalize``'s
+        statistics normalize the branches' without being updated)
     :param generator: the random number generator of the branches' actions
     :return: the Q-value estimates, shape (N, K), and the number of environment steps taken
     """
@@ -179,9 +218,7 @@ def branch_rollouts(
             obs, reward, terminated, truncated, _ = envs[index].step(step_actions[index])
             env_steps += 1
             last_observations[index] = obs
-            if vec_normalize is not None:
-                reward = vec_normalize.normalize_reward(np.array([reward]))[0]
-            returns[index] += discount[index] * float(reward)
+            returns[index] += discount[index] * transforms.reward(float(reward))
             discount[index] *= gamma
             if terminated or truncated or step == horizon - 1:
                 alive[index] = False
@@ -191,12 +228,12 @@ def branch_rollouts(
         # Every branch keeps its row, so that the K branches of a state stay one group of the noise: the rows of the
         # branches that ended hold their last observation and their actions are not used
         with th.no_grad():
-            distribution = policy.get_distribution(_policy_input(last_observations, vec_normalize, policy))
+            distribution = policy.get_distribution(_policy_input(last_observations, transforms, policy))
             actions = sample_with_common_noise(distribution, n_actions, generator)
 
     if bootstrap.any():
         indices = np.flatnonzero(bootstrap)
-        obs_tensor = _policy_input([last_observations[index] for index in indices], vec_normalize, policy)
+        obs_tensor = _policy_input([last_observations[index] for index in indices], transforms, policy)
         with th.no_grad():
             values = policy.predict_values(obs_tensor).flatten().cpu().numpy()
         returns[indices] += discount[indices] * values
@@ -205,9 +242,6 @@ def branch_rollouts(
 
 
 def _policy_input(
-    observations: list, vec_normalize: VecNormalize | None, policy: ActorCriticPolicy
+    observations: list, transforms: VecEnvTransforms, policy: ActorCriticPolicy
 ) -> th.Tensor | dict[str, th.Tensor]:
-    batch = stack_observations(observations)
-    if vec_normalize is not None:
-        batch = vec_normalize.normalize_obs(batch)
-    return obs_as_tensor(batch, policy.device)
+    return obs_as_tensor(transforms.observations(stack_observations(observations)), policy.device)

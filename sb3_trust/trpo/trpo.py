@@ -87,9 +87,9 @@ class TRPO(NaturalGradientAlgorithm):
         advantages) or ``"vine"`` (Sec. 5.2 of the paper: ``vine_n_states`` states of the rollout, the *rollout set*,
         are saved as the rollout passes them; from each, ``vine_n_actions`` branch rollouts of at most
         ``vine_horizon`` steps with common random numbers estimate Q of as many actions). Vine sampling needs the
-        environments in this process (a ``DummyVecEnv``, optionally inside ``VecNormalize``) and copies them with
-        ``copy.deepcopy``; ``learn()``'s timesteps count the rollout's steps, not the branches'
-        (``train/vine_env_steps``)
+        environments in this process (a ``DummyVecEnv``, optionally inside ``VecNormalize``, ``VecTransposeImage`` or
+        ``VecMonitor``) whose states it can save (:mod:`sb3_trust.common.snapshots`); ``learn()``'s timesteps count
+        the rollout's steps, not the branches' (``rollout/vine_env_steps``)
     :param vine_n_states: Size of the rollout set (vine sampling): states drawn uniformly without replacement from
         each rollout
     :param vine_n_actions: Number of actions K per state of the rollout set (vine sampling): drawn from the current
@@ -257,7 +257,7 @@ class TRPO(NaturalGradientAlgorithm):
         :param env: the training environment
         :return: the rollout set's states, actions and Q-value estimates
         """
-        vec_env, vec_normalize = branchable_envs(env)
+        vec_env, transforms = branchable_envs(env)
         saved = list(self._vine_snapshots.items())
         states = obs_as_tensor(stack_observations([row for _, (_, row) in saved]), self.device)
         n_states = len(saved)
@@ -278,7 +278,7 @@ class TRPO(NaturalGradientAlgorithm):
         )
         generator = th.Generator(device=self.device).manual_seed(int(th.randint(2**62, (1,)).item()))
         result = branch_rollouts(
-            self.policy, branch_envs, actions, n_actions, self.vine_horizon, self.gamma, vec_normalize, generator
+            self.policy, branch_envs, actions, n_actions, self.vine_horizon, self.gamma, transforms, generator
         )
         self.logger.record("rollout/vine_env_steps", result.env_steps)
         return VineBatch(states, actions, proposal_log_prob, result.q_values)
