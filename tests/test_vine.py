@@ -16,7 +16,7 @@ from gymnasium.wrappers import RecordVideo
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFrameStack, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFrameStack, VecNormalize, VecTransposeImage
 
 from sb3_trust import TRPO
 from sb3_trust.common.distributions import detach_distribution, mean_kl, sample_with_common_noise, torch_distributions
@@ -500,10 +500,10 @@ def test_branch_rewards_and_observations_normalized_with_frozen_statistics() -> 
 # --- TRPO(sampling="vine") -----------------------------------------------------------------------------------------
 
 
-def vine_trpo(env: Any, **kwargs: Any) -> TRPO:
+def vine_trpo(env: Any, policy: str = "MlpPolicy", **kwargs: Any) -> TRPO:
     settings: dict[str, Any] = dict(n_steps=64, batch_size=64, vine_n_states=8, vine_horizon=20, seed=0)
     settings.update(kwargs)
-    return TRPO("MlpPolicy", env, sampling="vine", **settings)
+    return TRPO(policy, env, sampling="vine", **settings)
 
 
 def test_vine_trunk_is_the_single_path_rollout() -> None:
@@ -589,6 +589,37 @@ def test_vine_updates_the_policy_with_other_spaces(action_space: gym.spaces.Spac
     assert model._vine_batch is not None and model._vine_batch.q_values.shape == (8, 3 if dict_observation else 4)
     assert model.logger.name_to_value["train/is_line_search_success"] == 1.0
     assert any(not th.equal(old, new) for old, new in zip(before, model.policy.action_net.parameters(), strict=True))
+
+
+class ImageEnv(gym.Env):
+    """Plain-Python environment with image observations (SB3 adds VecTransposeImage for CnnPolicy)."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(0, 255, (36, 36, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(2)
+        self.t = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros((36, 36, 3), np.uint8), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        obs = np.zeros((36, 36, 3), np.uint8)
+        obs[..., int(action)] = 10 * self.t
+        return obs, float(action), False, self.t >= 20, {}
+
+
+def test_vine_with_image_observations() -> None:
+    model = vine_trpo(make_vec_env(ImageEnv, n_envs=1, seed=0), policy="CnnPolicy", n_steps=16, batch_size=16, vine_n_states=4)
+    assert isinstance(model.env, VecTransposeImage)
+    _, transforms = branchable_envs(model.env)
+    assert transforms.observations(np.zeros((2, 36, 36, 3), np.uint8)).shape == (2, 3, 36, 36)
+    model.learn(16)
+    assert model._vine_batch is not None and model._vine_batch.q_values.shape == (4, 2)
+    # Action 1 earns 1 per step: its Q-value is the larger at every state
+    assert (model._vine_batch.q_values[:, 1] > model._vine_batch.q_values[:, 0]).all()
 
 
 def test_vine_refusals() -> None:
