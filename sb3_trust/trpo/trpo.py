@@ -227,8 +227,8 @@ class TRPO(NaturalGradientAlgorithm):
         self._vine_schedule, self._vine_snapshots, self._vine_batch = {}, {}, None
         if self.sampling != "vine":
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        # From NumPy's generator (seeded by SB3 as torch's is): the rollout draws its actions from torch's, so the
-        # trunk is the rollout single-path sampling would have collected
+        # From NumPy's generator (seeded by SB3 as torch's is): the rollout draws its actions from torch's, which the
+        # rollout set leaves as single-path sampling would
         chosen = np.random.choice(n_rollout_steps * env.num_envs, self.vine_n_states, replace=False).tolist()
         for step, env_index in sorted(divmod(index, env.num_envs) for index in chosen):
             self._vine_schedule.setdefault(step, []).append(env_index)
