@@ -441,6 +441,14 @@ def test_common_random_numbers_give_equal_q_for_equal_actions(env_id: Any) -> No
         assert len(set(independent.tolist())) == n_actions
 
 
+def test_branches_refuse_non_finite_actions() -> None:
+    vec_env = stepped_vec_env("Pendulum-v1")
+    policy = branch_policy(vec_env.envs[0])
+    envs = BranchEnvPool().restored(vec_env, [(0, snapshot_env(vec_env.envs[0]))], 2)
+    with pytest.raises(ValueError, match="non-finite actions"):
+        branch_rollouts(policy, envs, th.tensor([[0.5], [float("nan")]]), 2, 5, 0.9, NO_TRANSFORMS, th.Generator())
+
+
 class ConstantValue(ActorCriticPolicy):
     def predict_values(self, obs: th.Tensor) -> th.Tensor:  # type: ignore[override]
         return th.full((len(obs), 1), 10.0)

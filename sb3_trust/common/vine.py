@@ -214,6 +214,9 @@ def branch_rollouts(
     env_steps = 0
     for step in range(horizon):
         step_actions = env_actions(actions.detach().cpu().numpy(), policy)
+        if np.issubdtype(step_actions.dtype, np.floating) and not np.isfinite(step_actions).all():
+            # As in the rollout: an environment must not be stepped with NaN actions
+            raise ValueError("A vine branch drew non-finite actions: are the observations and the policy finite?")
         for index in np.flatnonzero(alive):
             obs, reward, terminated, truncated, _ = envs[index].step(step_actions[index])
             env_steps += 1
