@@ -120,15 +120,19 @@ class _StateHandler:
     skipped: frozenset[str]
     save: Callable[[Any], Any]
     restore: Callable[[Any, Any], None]
+    # Whether the environment's attributes are saved besides (not when its own methods save everything)
+    saves_attributes: bool = True
+    # Made ready as a branch of another environment of its kind, beyond a copy (branch, original)
+    prepare_branch: Callable[[Any, Any], None] | None = None
 
 
 def _user_handler() -> _StateHandler:
-    # The environment's own methods save everything: its attributes are left alone
     return _StateHandler(
         "get_vine_state/set_vine_state",
         frozenset(),
         lambda env: env.get_vine_state(),
         lambda env, state: env.set_vine_state(copy.deepcopy(state)),
+        saves_attributes=False,
     )
 
 
@@ -140,7 +144,18 @@ def _mujoco_handler() -> _StateHandler:
         mujoco.mj_copyData(data, env.model, env.data)
         return data
 
-    return _StateHandler("MuJoCo", MUJOCO_ATTRIBUTES, save, lambda env, data: mujoco.mj_copyData(env.data, env.model, data))
+    def prepare_branch(branch: Any, original: Any) -> None:
+        # The model as it is now: a constructor call would not reproduce one changed since
+        branch.model = copy.copy(original.model)
+        branch.data = mujoco.MjData(branch.model)
+
+    return _StateHandler(
+        "MuJoCo",
+        MUJOCO_ATTRIBUTES,
+        save,
+        lambda env, data: mujoco.mj_copyData(env.data, env.model, data),
+        prepare_branch=prepare_branch,
+    )
 
 
 def _ale_handler() -> _StateHandler:
@@ -212,10 +227,9 @@ def snapshot_env(env: gym.Env) -> EnvSnapshot:
     chain = _branch_chain(env)
     unwrapped = chain[-1]
     handler = state_handler(unwrapped)
-    user = handler.name == _user_handler().name
     return EnvSnapshot(
         [_state_attributes(wrapper, chain, frozenset()) for wrapper in chain[:-1]],
-        {} if user else _state_attributes(unwrapped, chain, handler.skipped),
+        _state_attributes(unwrapped, chain, handler.skipped) if handler.saves_attributes else {},
         handler.save(unwrapped),
         copy.deepcopy(unwrapped.np_random),
     )
@@ -242,11 +256,9 @@ def make_branch_env(env: gym.Env) -> gym.Env:
     branch = copy.deepcopy(env, memo)
     unwrapped = branch.unwrapped
     unwrapped.render_mode = None
-    if state_handler(unwrapped).name == "MuJoCo":
-        import mujoco
-
-        unwrapped.model = copy.copy(env.unwrapped.model)  # type: ignore[attr-defined]
-        unwrapped.data = mujoco.MjData(unwrapped.model)  # type: ignore[attr-defined]
+    prepare_branch = state_handler(unwrapped).prepare_branch
+    if prepare_branch is not None:
+        prepare_branch(unwrapped, env.unwrapped)
     return branch
 
 
@@ -262,7 +274,7 @@ def restore_env(branch_env: gym.Env, snapshot: EnvSnapshot) -> None:
         _restore_attributes(wrapper, state, chain, frozenset())
     unwrapped = chain[-1]
     handler = state_handler(unwrapped)
-    if handler.name != _user_handler().name:
+    if handler.saves_attributes:
         _restore_attributes(unwrapped, snapshot.env_state, chain, handler.skipped)
     handler.restore(unwrapped, snapshot.simulator_state)
     unwrapped.np_random = copy.deepcopy(snapshot.generator)
